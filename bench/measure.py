@@ -130,7 +130,8 @@ def parse_wrk(out: str) -> WrkResult:
     pct = {int(p): _ms(v) for p, v in re.findall(r"^\s*(50|75|90|99)%\s+(\S+)", out, re.M)}
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     names = ("connect", "read", "write", "timeout")
-    socket_errors = {n: int(v) for n, v in zip(names, errs.groups())} if errs else dict.fromkeys(names, 0)
+    counts = [int(v) for v in errs.groups()] if errs else [0] * len(names)
+    socket_errors = dict(zip(names, counts, strict=True))
     bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
     nan = float("nan")
     return WrkResult(

@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median reported (3)")
-    p.add_argument("--only", choices=["http", "tcp"], help="run only the HTTP or the opaque-TCP cases")
+    p.add_argument("--only", choices=["http", "tcp"],
+                   help="run only the HTTP or the opaque-TCP cases")
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated (/small,/16k)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target (2)")
@@ -90,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--appliance", default=str(REPO / ".venv/bin/appliance"),
                    help="appliance executable (.venv/bin/appliance)")
     p.add_argument("--appliance-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for `appliance proxy` (repeatable), e.g. --appliance-arg=--set "
-                        "--appliance-arg=http.foo=1")
+                   help="extra argument for `appliance proxy` (repeatable), e.g. "
+                        "--appliance-arg=--set --appliance-arg=http.foo=1")
     p.add_argument("--profile", metavar="OUT",
                    help="instead of benchmarking, record a py-spy profile of appliance (HTTP "
                         "/small, --duration s) to OUT (.svg flame graph, .json speedscope, "
@@ -206,7 +207,8 @@ class Bench:
         proxy = ep.proxy
         assert self.backend is not None
         if proxy is not None and not proxy.alive():
-            ep.error = f"{proxy.name} died (exit {proxy.proc and proxy.proc.poll()}):\n{proxy.log_tail()}"
+            code = proxy.proc and proxy.proc.poll()
+            ep.error = f"{proxy.name} died (exit {code}):\n{proxy.log_tail()}"
             print(f"*** {ep.error}", file=sys.stderr)
             return None
         p0 = measure.cpu_seconds(proxy.pid) if proxy else 0.0
@@ -238,26 +240,25 @@ class Bench:
 
     def run_rounds(self, cases: list[tuple[str, str]]) -> list[Sample]:
         samples: list[Sample] = []
-        total = self.args.rounds * len(cases) * len(VARIANTS)
+        per_round = [(g, p, v) for g, p in cases for v in VARIANTS if (g, v) in self.endpoints]
+        total = self.args.rounds * len(per_round)
         done = 0
         for rnd in range(1, self.args.rounds + 1):
-            for group, path in cases:
-                for variant in VARIANTS:
-                    done += 1
-                    ep = self.endpoints.get((group, variant))
-                    if ep is None:
-                        continue
-                    sample = self.one_run(ep, path, rnd)
-                    if sample is None:
-                        continue
-                    samples.append(sample)
-                    _progress(done, total, sample)
-                    time.sleep(0.5)  # let closed connections drain between runs
+            for group, path, variant in per_round:
+                done += 1
+                sample = self.one_run(self.endpoints[(group, variant)], path, rnd)
+                if sample is None:
+                    continue
+                samples.append(sample)
+                _progress(done, total, sample)
+                time.sleep(0.5)  # let closed connections drain between runs
         return samples
 
 
 def _progress(done: int, total: int, s: Sample) -> None:
-    cpu = f"{s.proxy_cpu_us_per_req:6.1f} us/req" if s.proxy_cpu_us_per_req is not None else " " * 13
+    cpu = " " * 13
+    if s.proxy_cpu_us_per_req is not None:
+        cpu = f"{s.proxy_cpu_us_per_req:6.1f} us/req"
     flag = f"  !! {'; '.join(s.problems)}" if s.problems else ""
     print(f"[{done:>3}/{total}] round {s.round} {s.group:<4} {s.path:<6} {s.variant:<9} "
           f"{s.rps:>9.0f} rps  p99 {s.p99_ms:7.2f} ms  {cpu}{flag}", flush=True)
@@ -321,7 +322,8 @@ def ratios(rows: list[dict[str, Any]], cases: list[tuple[str, str]]) -> list[dic
             "rps_appliance_vs_haproxy": _div(app["rps"], ha["rps"]),
             "rps_appliance_vs_direct": _div(app["rps"], direct["rps"]),
             "rps_haproxy_vs_direct": _div(ha["rps"], direct["rps"]),
-            "cpu_appliance_vs_haproxy": _div(app["proxy_cpu_us_per_req"], ha["proxy_cpu_us_per_req"]),
+            "cpu_appliance_vs_haproxy": _div(app["proxy_cpu_us_per_req"],
+                                             ha["proxy_cpu_us_per_req"]),
             # Direct has no proxy; its reference cost is what nginx itself spends per request.
             "cpu_appliance_vs_backend": _div(app["proxy_cpu_us_per_req"],
                                              direct["backend_cpu_us_per_req"]),
@@ -343,7 +345,8 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
                       TARGETS["tcp_rps_vs_haproxy"])]
         for name, key, op, goal in specs:
             value = r[key]
-            met = value is not None and r["valid"] and (value >= goal if op == ">=" else value <= goal)
+            ok = value is not None and (value >= goal if op == ">=" else value <= goal)
+            met = bool(ok and r["valid"])
             checks.append({"target": name, "value": value, "op": op, "goal": goal,
                            "met": met, "valid": r["valid"]})
     return checks
@@ -369,7 +372,8 @@ def print_report(summary: dict[str, Any], checks: list[dict[str, Any]]) -> None:
               f"{'CPU app/HAP':>11} {'CPU app/nginx':>13}")
         for r in summary["ratios"]:
             note = "" if r["valid"] else "  (a variant failed: not valid)"
-            print(f"{r['group'] + ' ' + r['path']:<12} {_f(r['rps_appliance_vs_haproxy'], '.2f'):>11} "
+            case = r["group"] + " " + r["path"]
+            print(f"{case:<12} {_f(r['rps_appliance_vs_haproxy'], '.2f'):>11} "
                   f"{_f(r['rps_appliance_vs_direct'], '.2f'):>14} "
                   f"{_f(r['rps_haproxy_vs_direct'], '.2f'):>14} "
                   f"{_f(r['cpu_appliance_vs_haproxy'], '.2f'):>11} "
@@ -403,7 +407,7 @@ def environment(tools: dict[str, str]) -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cores": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
         "python": platform.python_version(),
         "wrk": _version([tools["wrk"], "--version"]),
@@ -419,12 +423,14 @@ def profile(bench: Bench, out: str) -> int:
     """Run wrk against appliance (HTTP /small) while py-spy records it."""
     pyspy = Path(sys.executable).parent / "py-spy"
     if not pyspy.exists():
-        raise BenchError(f"py-spy not found at {pyspy}; install it: {sys.executable} -m pip install py-spy")
+        raise BenchError(f"py-spy not found at {pyspy}; install it: "
+                         f"{sys.executable} -m pip install py-spy")
     bench.start_all(["http"], with_appliance=True)
     ep = bench.endpoints[("http", "appliance")]
     if ep.error or ep.proxy is None:
         raise BenchError(f"appliance {ep.error}")
-    fmt = {".svg": "flamegraph", ".json": "speedscope", ".txt": "raw"}.get(Path(out).suffix, "flamegraph")
+    formats = {".svg": "flamegraph", ".json": "speedscope", ".txt": "raw"}
+    fmt = formats.get(Path(out).suffix, "flamegraph")
     dur = max(1, round(bench.args.duration))
     spy = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), str(pyspy), "record", "--pid",
                             str(ep.proxy.pid), "--duration", str(dur), "--rate", "250",

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,8 @@ class BenchError(RuntimeError):
 
 def require_tools(names: list[str]) -> dict[str, str]:
     """Absolute paths of the external tools, or a loud error naming what is missing."""
-    found = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in names}
+    sbin = "/usr/sbin:/sbin"
+    found = {name: shutil.which(name) or shutil.which(name, path=sbin) for name in names}
     missing = [name for name, path in found.items() if not path]
     if missing:
         raise BenchError(f"missing tool(s): {', '.join(missing)}; install with: {INSTALL_HINT}")
@@ -100,7 +102,7 @@ class Service:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def wait_ready(self, check: callable, deadline_s: float) -> None:  # type: ignore[valid-type]
+    def wait_ready(self, check: Callable[[], bool], deadline_s: float) -> None:
         """Poll `check()` (True when ready) until the deadline; raise with the log if not."""
         end = time.monotonic() + deadline_s
         last: object = None
