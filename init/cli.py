@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from init import backends
-from init.errors import EXIT_OK, EXIT_USAGE, InitError
+from init.errors import EXIT_OK, EXIT_USAGE, BackendUnavailable, InitError
 from init.plan import (
+    Family,
     InitOptions,
     IPNetwork,
     PlanError,
@@ -108,15 +109,16 @@ def run(args: argparse.Namespace) -> int:
     the_plan = plan(opts)
     families = [fp.family for fp in the_plan.families]
     if args.dry_run:
-        print(_uninstall_summary(families) if args.uninstall else the_plan.dry_run_text(),
-              end="")
+        text = (_uninstall_summary(["ipv4"] if args.ipv6 is False else ["ipv4", "ipv6"])
+                if args.uninstall else the_plan.dry_run_text())
+        print(text, end="")
         return EXIT_OK
     try:
         backends.check_privileges(args.iptables_mode)
         choice, reason = backends.resolve(args.iptables_mode)
         backend = backends.load(choice)
         if args.uninstall:
-            removed = [f for f in families if backend.uninstall(f)]
+            removed = _uninstall(backend, explicit_ipv6=args.ipv6)
             _log(f"uninstalled ({backend.name} backend, {reason}): "
                  f"{', '.join(removed) or 'nothing of ours was installed'}")
         else:
@@ -127,6 +129,22 @@ def run(args: argparse.Namespace) -> int:
     except InitError as exc:
         return _fail(str(exc), exc.exit_code)
     return EXIT_OK
+
+
+def _uninstall(backend: backends.Backend, *, explicit_ipv6: bool | None) -> list[Family]:
+    """Remove ours from ipv4 and, unless --no-ipv6, from ipv6: an uninstall must not
+    leave ip6tables rules behind just because IPv6 looks off in the namespace today."""
+    removed: list[Family] = []
+    families: list[Family] = ["ipv4"] if explicit_ipv6 is False else ["ipv4", "ipv6"]
+    for family in families:
+        try:
+            if backend.uninstall(family):
+                removed.append(family)
+        except BackendUnavailable:
+            if family == "ipv6" and explicit_ipv6 is None:
+                continue  # no ip6 nat table here: nothing of ours can be in it
+            raise
+    return removed
 
 
 def _uninstall_summary(families: Sequence[str]) -> str:
