@@ -1,0 +1,345 @@
+"""Proxy configuration: frozen, keyword-only dataclasses, loaded and validated once.
+
+Sources, later ones overriding earlier ones:
+
+1. the defaults below (zero-config: proxy transparently and safely with no file at all),
+2. a YAML file (``appliance proxy --config FILE``),
+3. ``APPLIANCE_*`` environment variables (names in :mod:`appliance.env`),
+4. command-line flags.
+
+Every field is documented where it is defined; ``docs/config.md`` mirrors these docstrings.
+An invalid value is rejected at load with :class:`ConfigError`, whose message names the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+
+
+class ConfigError(ValueError):
+    """A configuration value is not acceptable; the message names field, value and rule."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostPort:
+    """An IP address and a TCP port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboundConfig:
+    port: int = 4140
+    """Port of the outbound listener; the app's outgoing TCP is redirected here."""
+    bind: str = "0.0.0.0"
+    """Address the outbound listener binds ("::" for dual stack)."""
+    connect_timeout: float = 1.0
+    """Seconds allowed to connect to an upstream endpoint before 502 / close."""
+    orig_dst_override: HostPort | None = None
+    """Destination used when a connection has no original destination (it was not
+    redirected by iptables). Off by default, so such a connection is refused; set it to
+    run the outbound listener as a plain forwarding proxy (tests, benchmarks)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InboundConfig:
+    port: int = 4143
+    """Port of the inbound listener; peers' TCP to the workload is redirected here."""
+    bind: str = "0.0.0.0"
+    """Address the inbound listener binds."""
+    connect_timeout: float = 0.1
+    """Seconds allowed to connect to the local workload."""
+    forward_to_loopback: bool = False
+    """Connect to the workload at 127.0.0.1:<original port> instead of the original
+    address (for apps that listen on loopback only)."""
+    orig_dst_override: HostPort | None = None
+    """As for outbound: where to send connections that have no original destination."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    port: int = 4191
+    """Port of the admin server (/metrics, /ready, /live)."""
+    bind: str = "0.0.0.0"
+    """Address the admin server binds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectConfig:
+    timeout: float = 10.0
+    """Seconds to wait for the client's first bytes before treating the connection as
+    opaque TCP (server-speaks-first protocols on ports not listed as opaque)."""
+    max_bytes: int = 4096
+    """Most bytes held while sniffing the protocol; past this the stream is opaque."""
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
+    """Original-destination ports that skip detection and are relayed as opaque TCP."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    max_header_bytes: int = 65536
+    """Largest request head (request line and headers) accepted; larger gets 431."""
+    max_uri_bytes: int = 8192
+    """Longest request target accepted; longer gets 414."""
+    header_timeout: float = 10.0
+    """Seconds a client may take to send a complete request head (slowloris guard);
+    then the connection gets 408 and is closed."""
+    response_timeout: float = 60.0
+    """Seconds to wait for the upstream's response head after the request was sent;
+    then the client gets 504. 0 disables it."""
+    idle_timeout: float = 300.0
+    """Seconds a client connection may sit idle between requests before it is closed."""
+    pool_idle_timeout: float = 60.0
+    """Seconds an idle upstream connection is kept in the pool."""
+    pool_max_idle: int = 64
+    """Most idle connections kept per upstream endpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    inbound: InboundConfig = field(default_factory=InboundConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log_level: str = "info"
+    """One of debug, info, warning, error."""
+    instance_id: str = ""
+    """Name of this proxy in Via headers and logs; empty means a random 8-hex id."""
+
+
+# --- loading ---------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
+_DURATION_FIELDS = {"connect_timeout", "timeout", "header_timeout", "response_timeout",
+                    "idle_timeout", "pool_idle_timeout"}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_duration(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not a duration (use e.g. 10s, 100ms, 1.5)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"{name}: {value!r} is not a duration (use e.g. 10s, 100ms, 1.5)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{name}: {value!r} must not be negative")
+    return seconds
+
+
+def parse_port(name: str, value: Any, *, allow_zero: bool = False) -> int:
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a port number (1-65535)") from None
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{name}: {value!r} is not a port number ({low}-65535)")
+    return port
+
+
+def parse_port_set(name: str, value: Any) -> frozenset[int]:
+    """A set of ports from a list or a string like "25,587,8000-8010"."""
+    items: list[Any]
+    if isinstance(value, str):
+        items = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+    else:
+        raise ConfigError(f"{name}: {value!r} is not a list of ports")
+    ports: set[int] = set()
+    for item in items:
+        text = str(item)
+        if "-" in text:
+            lo_s, _, hi_s = text.partition("-")
+            lo, hi = parse_port(name, lo_s), parse_port(name, hi_s)
+            if lo > hi:
+                raise ConfigError(f"{name}: range {text!r} is reversed")
+            ports.update(range(lo, hi + 1))
+        else:
+            ports.add(parse_port(name, text))
+    return frozenset(ports)
+
+
+def parse_hostport(name: str, value: Any) -> HostPort | None:
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    m = re.match(r"^\[([0-9a-fA-F:.]+)\]:(\d+)$", text) or re.match(r"^([^:]+):(\d+)$", text)
+    if not m:
+        raise ConfigError(f"{name}: {value!r} is not HOST:PORT (IPv6 as [addr]:port)")
+    try:
+        host = str(ipaddress.ip_address(m.group(1)))
+    except ValueError:
+        raise ConfigError(f"{name}: {m.group(1)!r} is not an IP address") from None
+    return HostPort(host=host, port=parse_port(name, m.group(2)))
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: {value!r} is not a boolean (true/false)")
+
+
+def _parse_int(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not an integer") from None
+    if number < minimum:
+        raise ConfigError(f"{name}: {value!r} must be at least {minimum}")
+    return number
+
+
+def _parse_bind(name: str, value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value).strip()))
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not an IP address to bind") from None
+
+
+def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
+    if leaf == "port":
+        return parse_port(name, value, allow_zero=True)
+    if leaf == "bind":
+        return _parse_bind(name, value)
+    if leaf in _DURATION_FIELDS:
+        return parse_duration(name, value)
+    if leaf == "opaque_ports":
+        return parse_port_set(name, value)
+    if leaf == "log_level":
+        text = str(value).strip().lower()
+        if text not in _LOG_LEVELS:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_LOG_LEVELS)}")
+        return text
+    if hint is bool:
+        return parse_bool(name, value)
+    if hint is int:
+        return _parse_int(name, value, 1)
+    if _is_hostport(hint):
+        return parse_hostport(name, value)
+    if hint is str:
+        return str(value)
+    raise ConfigError(f"{name}: unsupported field type")  # a bug, not user input
+
+
+def _is_hostport(hint: Any) -> bool:
+    return hint is HostPort or (
+        isinstance(hint, types.UnionType) and HostPort in typing.get_args(hint)
+    )
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"{prefix}{key}: unknown field (allowed here: {allowed})")
+    kwargs: dict[str, Any] = {}
+    for fname, value in data.items():
+        hint = hints[fname]
+        full = f"{prefix}{fname}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full}: expected a mapping of fields, got {value!r}")
+            kwargs[fname] = _build(hint, value, full + ".")  # type: ignore[arg-type]
+        else:
+            kwargs[fname] = _convert(full, fname, hint, value)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def field_paths(cls: type = Config, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field, e.g. ``outbound.port``."""
+    hints = typing.get_type_hints(cls)
+    paths: list[str] = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            paths.extend(field_paths(hint, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def load(
+    *,
+    file_data: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build a validated Config from a parsed YAML mapping, an environment and flags.
+
+    ``overrides`` maps dotted field names (``outbound.port``) to values.
+    """
+    from appliance import env as envnames
+
+    merged: dict[str, Any] = {}
+    if file_data is not None:
+        if not isinstance(file_data, Mapping):
+            raise ConfigError(f"config file: expected a mapping at the top, got {file_data!r}")
+        merged = _merge(merged, file_data)
+    if environ is not None:
+        merged = _merge(merged, nest(envnames.from_environ(environ)))
+    if overrides:
+        merged = _merge(merged, nest(overrides))
+    return _build(Config, merged, "")
+
+
+def load_file(path: str) -> Mapping[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    return data or {}

@@ -1,0 +1,679 @@
+"""HTTP/1.1 proxying: a client-facing connection, exchanges, and pooled upstream connections.
+
+Theory of operation: :class:`Http1Server` parses requests from the client; each request
+becomes an :class:`Exchange`, which takes an idle upstream connection from the pool (or dials
+one), sends the rewritten head and streams the body as it arrives. The upstream's
+:class:`Http1Upstream` parses the response and the exchange streams it back, choosing the
+client-side framing (Content-Length kept, chunked re-chunked, close-delimited re-chunked for
+HTTP/1.1 clients). Responses go out in request order: a pipelined request waits, queued and
+with the client paused, until the exchange before it is done.
+
+Backpressure runs both ways: a full client write buffer pauses reading the upstream, a full
+upstream write buffer pauses reading the client. An Upgrade answered 101, or a CONNECT
+answered 2xx, turns both connections into an opaque :class:`~appliance.net.relay.Relay`.
+
+Failures become one-line responses with ``l5d-proxy-error`` (502 refused/invalid, 504 timeout)
+as long as no response byte has reached the client; after that the client connection is
+aborted, so a truncated response is never mistaken for a complete one. A request that fails
+on a reused pooled connection before any response byte, and has no body, is sent once more
+on a fresh connection (the server may have closed the idle connection as we reused it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from appliance.net.addr import OrigDst
+from appliance.net.relay import Relay
+from appliance.protocols.http1 import (
+    HttpError,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    chunk,
+    error_response,
+    last_chunk,
+    response_has_body,
+    serialize_request,
+    serialize_response,
+)
+
+if TYPE_CHECKING:
+    from appliance.net.listener import Direction
+
+# Reasons the client side is paused; reading resumes when none is left.
+_PIPELINE = 1
+_UPSTREAM_FULL = 2
+_CONNECTING = 4
+_TUNNEL = 8
+_HOLD_LIMIT = 64 * 1024
+
+
+class Http1Server(asyncio.Protocol):
+    """The client-facing side of an HTTP/1 connection."""
+
+    def __init__(self, d: Direction, transport: Any, dst: OrigDst) -> None:
+        self.d = d
+        self.transport = transport
+        self.dst = dst
+        conf = d.config.http
+        self.parser = RequestParser(self, max_header_bytes=conf.max_header_bytes,
+                                    max_uri_bytes=conf.max_uri_bytes)
+        self.tcp = d.tcp_stats("http/1", "src")
+        self.ex: Exchange | None = None
+        self.queue: deque[tuple[int, Any]] = deque()
+        self.paused = 0
+        self.closed = False
+        self.last_active = d.loop.time()
+        self.head_started = 0.0
+
+    def start(self, early: bytes, early_eof: bool) -> None:
+        self.transport.set_protocol(self)
+        self.tcp.opened += 1
+        self.d.http_conns.add(self)
+        if early:
+            self.data_received(early)
+        if early_eof and not self.closed:
+            self.eof_received()
+
+    # --- client bytes ------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.tcp.read_bytes += len(data)
+        if self.closed:
+            return
+        parser = self.parser
+        was_in_head = parser.in_head
+        try:
+            offset = parser.feed(data)
+        except HttpError as exc:
+            self.refuse(exc.status, exc.reason)
+            return
+        now = self.d.loop.time()
+        self.last_active = now
+        if parser.in_head and not was_in_head:
+            self.head_started = now
+        if offset is not None:
+            self.upgrade_pending(data[offset:])
+
+    def upgrade_pending(self, rest: bytes) -> None:
+        """Bytes after an Upgrade/CONNECT request belong to the tunnel, if it opens."""
+        ex = self.ex
+        if ex is None:  # the request was refused before an exchange started
+            return
+        ex.tunnel_early = rest
+        self.pause(_TUNNEL)
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets the response.
+        if self.ex is None and not self.queue:
+            self.close()
+            return False
+        self.wants_close = True
+        return True
+
+    wants_close = False
+
+    # --- parser events -----------------------------------------------------------------
+    def on_head(self, head: RequestHead) -> None:
+        if self.ex is not None or self.queue:
+            self.queue.append((0, head))
+            self.pause(_PIPELINE)
+            return
+        self.begin(head)
+
+    def on_body(self, data: bytes) -> None:
+        if self.queue:
+            self.queue.append((1, data))
+        elif self.ex is not None:
+            self.ex.request_body(data)
+
+    def on_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.queue:
+            self.queue.append((2, trailers))
+        elif self.ex is not None:
+            self.ex.request_end(trailers)
+
+    def begin(self, head: RequestHead) -> None:
+        d = self.d
+        d.http.requests += 1
+        if head.via and any(d.via_name in v for v in head.via):
+            d.registry.error(d.name, "loop")
+            self.respond_error(head, 502, "request loop detected (Via names this proxy)",
+                               request_done=False)
+            return
+        self.ex = Exchange(self, head)
+        self.ex.start()
+
+    # --- responses the proxy makes itself ----------------------------------------------
+    def refuse(self, status: int, reason: str) -> None:
+        """Bad input from the client: answer if we still can, then close."""
+        self.d.registry.error(self.d.name, f"http_{status}")
+        ex = self.ex
+        if ex is not None and ex.response_started:
+            self.abort()
+            return
+        if ex is not None:
+            ex.cancel()
+        self.d.http.requests += 1
+        self.d.http.response(status, 0.0, "bad_request")
+        self.write(error_response(status, reason, self.d.via, close=True))
+        self.close()
+
+    def respond_error(self, head: RequestHead, status: int, cause: str, *,
+                      request_done: bool, kind: str = "proxy") -> None:
+        keep = request_done and head.keep_alive and not self.wants_close
+        self.d.http.response(status, 0.0, kind)
+        self.write(error_response(status, cause, self.d.via, close=not keep))
+        self.exchange_done(keep)
+
+    # --- exchange lifecycle ------------------------------------------------------------
+    def exchange_done(self, keep_alive: bool) -> None:
+        self.ex = None
+        if not keep_alive or self.wants_close:
+            self.close()
+            return
+        if self.draining:  # an error answered while replaying the queue: the loop goes on
+            return
+        self.draining = True
+        try:
+            self.replay_queue()
+        finally:
+            self.draining = False
+        if not self.queue and not self.closed:
+            self.resume(_PIPELINE)
+
+    draining = False
+
+    def replay_queue(self) -> None:
+        """Start the next pipelined request and feed it the events held for it."""
+        queue = self.queue
+        while queue and not self.closed:
+            kind, item = queue[0]
+            if kind == 0:
+                if self.ex is not None:
+                    return
+                queue.popleft()
+                self.begin(item)
+                continue
+            queue.popleft()
+            ex = self.ex
+            if ex is None:
+                continue  # the rest of a request that was already answered
+            if kind == 1:
+                ex.request_body(item)
+            else:
+                ex.request_end(item)
+
+    # --- flow control ------------------------------------------------------------------
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self.paused & reason:
+            return
+        self.paused &= ~reason
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()
+
+    write_paused = False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.ex
+        if ex is not None and ex.up is not None and ex.up.transport is not None:
+            ex.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.ex
+        if ex is not None and ex.up is not None and ex.up.transport is not None:
+            ex.up.transport.resume_reading()
+
+    # --- output and teardown -----------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.tcp.write_bytes += len(data)
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.tcp.closed += 1
+        self.d.http_conns.discard(self)
+        ex = self.ex
+        if ex is not None:
+            ex.cancel()
+        self.queue.clear()
+
+    def detach_for_tunnel(self) -> None:
+        """The connection becomes a relay: stop acting on it as HTTP."""
+        self.d.http_conns.discard(self)
+        self.tcp.closed += 1  # counted again under the relay's tunnel stats
+        self.closed = True
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "server", "d", "head", "started", "up", "pending", "pending_len", "request_done",
+        "response_started", "response_head", "chunked_out", "close_delimited",
+        "keep_client", "timer", "reused", "retried", "body_sent", "tunnel_early",
+        "finished", "interim",
+    )
+
+    def __init__(self, server: Http1Server, head: RequestHead) -> None:
+        self.server = server
+        self.d = server.d
+        self.head = head
+        self.started = self.d.loop.time()
+        self.up: Http1Upstream | None = None
+        self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.request_done = False
+        self.response_started = False
+        self.response_head: ResponseHead | None = None
+        self.chunked_out = False
+        self.close_delimited = False
+        self.keep_client = True
+        self.timer: asyncio.TimerHandle | None = None
+        self.reused = False
+        self.retried = False
+        self.body_sent = False
+        self.tunnel_early = b""
+        self.finished = False
+        self.interim = False
+
+    # --- request side ------------------------------------------------------------------
+    def start(self) -> None:
+        head = self.head
+        tunnel = head.method == b"CONNECT" or head.upgrade is not None
+        self.pending = [serialize_request(head, self.d.via, upgrade=tunnel)]
+        up = self.d.pool.take(self.server.dst)
+        if up is not None:
+            self.reused = True
+            self.attach(up)
+        else:
+            self.server.pause(_CONNECTING)
+            self.d.spawn(self.connect())
+
+    async def connect(self) -> None:
+        d = self.d
+        dst = self.server.dst
+        try:
+            _, up = await asyncio.wait_for(
+                d.loop.create_connection(lambda: Http1Upstream(d, dst), d.connect_host(dst),
+                                         dst.port),
+                d.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            self.connect_failed("connect_timeout",
+                                f"upstream unreachable: connect to {dst} timed out")
+            return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            self.connect_failed("connect_refused", f"upstream unreachable: {dst}: {reason}")
+            return
+        if self.finished:  # the client left while we dialled: keep the connection
+            d.pool.put(up)
+            return
+        self.server.resume(_CONNECTING)
+        self.attach(up)
+
+    def connect_failed(self, kind: str, cause: str) -> None:
+        self.d.registry.error(self.d.name, kind)
+        if not self.finished:
+            self.server.resume(_CONNECTING)
+            self.fail(502, cause, kind)
+
+    def attach(self, up: Http1Upstream) -> None:
+        self.up = up
+        up.ex = self
+        up.parser.expect(self.head.method)
+        pending, self.pending = self.pending, []
+        self.pending_len = 0
+        if self.server.write_paused:
+            up.transport.pause_reading()
+        up.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if len(pending) > 1:
+            self.body_sent = True
+        timeout = self.d.config.http.response_timeout
+        if timeout:
+            self.timer = self.d.loop.call_later(timeout, self.response_timeout)
+
+    def request_body(self, data: bytes) -> None:
+        if self.head.chunked:
+            data = chunk(data)
+        up = self.up
+        if up is not None:
+            self.body_sent = True
+            up.write(data)
+            return
+        self.pending.append(data)
+        self.pending_len += len(data)
+        if self.pending_len > _HOLD_LIMIT:
+            self.server.pause(_CONNECTING)
+
+    def request_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.head.chunked:
+            end = last_chunk(trailers)
+            if self.up is not None:
+                self.up.write(end)
+            else:
+                self.pending.append(end)
+        self.request_done = True
+
+    # --- response side -----------------------------------------------------------------
+    def response_head_received(self, rh: ResponseHead) -> None:
+        status = rh.status
+        server = self.server
+        if 100 <= status < 200 and status != 101:
+            self.interim = True
+            if self.head.version == b"1.1":
+                server.write(serialize_response(rh, self.d.via, chunked=False, connection=None))
+            return
+        self.interim = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.response_head = rh
+        self.response_started = True
+        head = self.head
+        if self.tunnel_opens(rh):
+            server.write(serialize_response(rh, self.d.via, chunked=False, connection=None))
+            return
+        keep = head.keep_alive and not server.wants_close
+        if head.method == b"CONNECT" or head.upgrade is not None:
+            keep = False  # a refused tunnel: the bytes after the request are not HTTP
+        if response_has_body(status, head.method) and rh.content_length is None:
+            if rh.chunked:
+                self.chunked_out = True
+            else:  # the upstream delimits the body by closing
+                self.close_delimited = True
+                if head.version == b"1.1":
+                    self.chunked_out = True
+                else:
+                    keep = False
+        self.keep_client = keep
+        if head.version == b"1.0":
+            connection = b"keep-alive" if keep else b"close"
+        else:
+            connection = None if keep else b"close"
+        server.write(serialize_response(rh, self.d.via, chunked=self.chunked_out,
+                                        connection=connection))
+
+    def tunnel_opens(self, rh: ResponseHead) -> bool:
+        if self.head.method == b"CONNECT":
+            return 200 <= rh.status < 300
+        return rh.status == 101 and self.head.upgrade is not None
+
+    def response_body(self, data: bytes) -> None:
+        self.server.write(chunk(data) if self.chunked_out else data)
+
+    def response_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.chunked_out:
+            self.server.write(last_chunk(trailers))
+        self.finished = True
+        rh = self.response_head
+        assert rh is not None
+        self.d.http.response(rh.status, self.d.loop.time() - self.started)
+        self.release()
+
+    def release(self) -> None:
+        """The response is complete: pool the upstream if it is clean, free the client.
+
+        A response that ends before its request did (an early 413, say) leaves the client
+        mid-body: both connections are closed rather than resynchronised."""
+        up, self.up = self.up, None
+        rh = self.response_head
+        reusable = (
+            self.request_done and rh is not None and rh.keep_alive
+            and not self.close_delimited and up is not None
+        )
+        if up is not None:
+            up.ex = None
+            if reusable:
+                if self.server.write_paused and up.transport is not None:
+                    up.transport.resume_reading()
+                self.d.pool.put(up)
+            else:
+                up.close()
+        self.server.exchange_done(self.keep_client and self.request_done)
+
+    def upgraded(self, rest: bytes) -> None:
+        """The upstream switched protocols (101 to an Upgrade, 2xx to CONNECT)."""
+        up, server = self.up, self.server
+        assert up is not None
+        rh = self.response_head
+        if rh is None or not self.tunnel_opens(rh):
+            self.upstream_failed("upstream switched protocols unasked")
+            return
+        self.finished = True
+        self.d.http.response(rh.status, self.d.loop.time() - self.started)
+        up.ex = None
+        up.detach_for_tunnel()
+        server.detach_for_tunnel()
+        relay = Relay(self.d, server.transport, self.server.dst, "tunnel", b"")
+        relay.join(up.transport, to_up=self.tunnel_early, to_down=rest)
+
+    # --- failures ----------------------------------------------------------------------
+    def response_timeout(self) -> None:
+        self.timer = None
+        self.d.registry.error(self.d.name, "response_timeout")
+        self.discard_upstream()
+        self.fail(504, f"upstream timeout: no response from {self.server.dst} within "
+                       f"{self.d.config.http.response_timeout:g}s", "timeout")
+
+    def upstream_failed(self, cause: str, *, clean_close: bool = False) -> None:
+        """The upstream broke (closed, reset, sent garbage) before the response ended."""
+        if self.finished:
+            return
+        if self.close_delimited and clean_close:
+            self.response_end(None)  # the close is the end of this body
+            return
+        if (self.reused and not self.retried and not self.response_started
+                and not self.body_sent and not self.head.has_body):
+            self.retry()
+            return
+        self.discard_upstream()
+        self.d.registry.error(self.d.name, "upstream_failed")
+        self.fail(502, cause, "upstream")
+
+    def retry(self) -> None:
+        self.retried = True
+        self.reused = False
+        up, self.up = self.up, None
+        if up is not None:
+            up.ex = None
+            up.close()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        tunnel = self.head.method == b"CONNECT" or self.head.upgrade is not None
+        self.pending = [serialize_request(self.head, self.d.via, upgrade=tunnel)]
+        self.server.pause(_CONNECTING)
+        self.d.spawn(self.connect())
+
+    def fail(self, status: int, cause: str, kind: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.finished = True
+        self.discard_upstream()
+        server = self.server
+        if self.response_started:
+            self.d.http.response(self.response_head.status if self.response_head else status,
+                                 self.d.loop.time() - self.started, kind)
+            server.abort()
+            return
+        server.respond_error(self.head, status, cause, request_done=self.request_done,
+                             kind=kind)
+
+    def discard_upstream(self) -> None:
+        up, self.up = self.up, None
+        if up is not None:
+            up.ex = None
+            up.abort()
+
+    def cancel(self) -> None:
+        """The client went away: nothing more will be sent either way."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.finished:
+            self.finished = True
+            self.discard_upstream()
+
+
+class Http1Upstream(asyncio.Protocol):
+    """A connection to an upstream endpoint; pooled between exchanges."""
+
+    def __init__(self, d: Direction, key: OrigDst) -> None:
+        self.d = d
+        self.key = key
+        self.parser = ResponseParser(self, max_header_bytes=d.config.http.max_header_bytes)
+        self.tcp = d.tcp_stats("http/1", "dst")
+        self.transport: Any = None
+        self.ex: Exchange | None = None
+        self.idle_since = 0.0
+        self.tunnel = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.tcp.opened += 1
+
+    def write(self, data: bytes) -> None:
+        self.tcp.write_bytes += len(data)
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.tcp.read_bytes += len(data)
+        ex = self.ex
+        if ex is None:  # bytes on an idle connection: the server is confused, drop it
+            self.abort()
+            return
+        try:
+            offset = self.parser.feed(data)
+        except HttpError as exc:
+            ex.upstream_failed(exc.reason)
+            return
+        if offset is not None and self.ex is not None:
+            self.ex.upgraded(data[offset:])
+
+    def on_head(self, head: ResponseHead) -> None:
+        if self.ex is not None:
+            self.ex.response_head_received(head)
+
+    def on_body(self, data: bytes) -> None:
+        if self.ex is not None:
+            self.ex.response_body(data)
+
+    def on_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if self.ex is not None:
+            self.ex.response_end(trailers)
+
+    def pause_writing(self) -> None:
+        if self.ex is not None:
+            self.ex.server.pause(_UPSTREAM_FULL)
+
+    def resume_writing(self) -> None:
+        if self.ex is not None:
+            self.ex.server.resume(_UPSTREAM_FULL)
+
+    def eof_received(self) -> bool:
+        return False  # HTTP/1 upstreams do not half-close usefully: treat as close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tunnel:
+            return
+        self.tcp.closed += 1
+        self.transport = None
+        self.d.pool.forget(self)
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            ex.upstream_failed("upstream closed the connection" if exc is None
+                               else f"upstream connection failed: {exc}",
+                               clean_close=exc is None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def detach_for_tunnel(self) -> None:
+        self.tunnel = True
+        self.tcp.closed += 1
+
+
+class Pool:
+    """Idle upstream connections per endpoint, most recently used first."""
+
+    def __init__(self, d: Direction) -> None:
+        self.d = d
+        self.idle: dict[OrigDst, list[Http1Upstream]] = {}
+
+    def take(self, key: OrigDst) -> Http1Upstream | None:
+        conns = self.idle.get(key)
+        if not conns:
+            return None
+        deadline = self.d.loop.time() - self.d.config.http.pool_idle_timeout
+        while conns:
+            up = conns.pop()
+            if up.transport is not None and not up.transport.is_closing():
+                if up.idle_since >= deadline:
+                    return up
+            up.close()
+        return None
+
+    def put(self, up: Http1Upstream) -> None:
+        if up.transport is None or up.transport.is_closing():
+            return
+        conns = self.idle.setdefault(up.key, [])
+        if len(conns) >= self.d.config.http.pool_max_idle:
+            up.close()
+            return
+        up.idle_since = self.d.loop.time()
+        conns.append(up)
+
+    def forget(self, up: Http1Upstream) -> None:
+        conns = self.idle.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+
+    def sweep(self, now: float) -> None:
+        deadline = now - self.d.config.http.pool_idle_timeout
+        for key, conns in list(self.idle.items()):
+            keep = [c for c in conns if c.idle_since >= deadline]
+            for c in conns:
+                if c.idle_since < deadline:
+                    c.close()
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]
+
+    def close_all(self) -> None:
+        for conns in self.idle.values():
+            for c in conns:
+                c.close()
+        self.idle.clear()

@@ -1,0 +1,181 @@
+"""Listeners: accept, read the original destination once, detect the protocol, hand off.
+
+Theory of operation: each accepted connection starts as :class:`Accepted`. At accept it
+reads the original destination (never again later) and decides whether the connection may
+be forwarded at all: one that was not redirected, or whose original destination is one of
+this proxy's own listeners, would loop and is refused (502 for HTTP, a close otherwise).
+Connections to opaque ports are relayed at once; others are held until :func:`detect` names
+the protocol, the held bytes reach ``detect.max_bytes``, the client half-closes, or
+``detect.timeout`` passes (then opaque). The transport is then handed to the protocol's
+driver with the bytes read so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from appliance.config import Config
+from appliance.net.addr import OrigDst, is_loopback, local_addr, original_dst
+from appliance.net.http1 import Http1Server, Pool
+from appliance.net.relay import Relay
+from appliance.protocols import http1 as h1
+from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
+from appliance.telemetry.metrics import Registry, TcpStats
+
+log = logging.getLogger("appliance")
+
+
+class Direction:
+    """Everything connections of one listener share: config, metrics, pool, tasks."""
+
+    def __init__(self, name: str, config: Config, registry: Registry, instance_id: str,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.name = name
+        self.config = config
+        self.registry = registry
+        self.loop = loop
+        side = config.outbound if name == "outbound" else config.inbound
+        self.connect_timeout = side.connect_timeout
+        self.override = (OrigDst(side.orig_dst_override.host, side.orig_dst_override.port)
+                         if side.orig_dst_override else None)
+        self.loopback_forward = name == "inbound" and config.inbound.forward_to_loopback
+        self.own_ports = frozenset(
+            {config.outbound.port, config.inbound.port, config.admin.port} - {0}
+        )
+        short = "out" if name == "outbound" else "in"
+        self.via_name = f"{instance_id}-{short}".encode()
+        self.via = b"1.1 " + self.via_name + b" (appliance)"
+        self.http = registry.http(name, "http/1")
+        self.pool = Pool(self)
+        self.http_conns: set[Http1Server] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._tcp: dict[tuple[str, str], TcpStats] = {}
+
+    def tcp_stats(self, protocol: str, peer: str) -> TcpStats:
+        key = (protocol, peer)
+        stats = self._tcp.get(key)
+        if stats is None:
+            stats = self._tcp[key] = self.registry.tcp(self.name, protocol, peer)
+        return stats
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Start a task that is referenced until done (and cancelled at shutdown)."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def connect_host(self, dst: OrigDst) -> str:
+        return "127.0.0.1" if self.loopback_forward else dst.host
+
+    def loops_back(self, dst: OrigDst, local_host: str) -> bool:
+        """Would forwarding to ``dst`` reach one of this proxy's own listeners?"""
+        if dst.port not in self.own_ports:
+            return False
+        return dst.host == local_host or is_loopback(dst.host) or dst.host in ("0.0.0.0", "::")
+
+    def sweep(self) -> None:
+        """Close connections past their header or idle timeouts; trim the pool."""
+        now = self.loop.time()
+        conf = self.config.http
+        for conn in list(self.http_conns):
+            if conn.parser.in_head:
+                if now - conn.head_started > conf.header_timeout:
+                    self.registry.error(self.name, "header_timeout")
+                    conn.refuse(408, "request head not received in time")
+            elif conn.ex is None and not conn.queue and now - conn.last_active > conf.idle_timeout:
+                conn.close()
+        self.pool.sweep(now)
+
+
+class Accepted(asyncio.Protocol):
+    """A connection whose protocol is not yet known."""
+
+    def __init__(self, d: Direction) -> None:
+        self.d = d
+        self.transport: Any = None
+        self.dst: OrigDst | None = None
+        self.refused: str | None = None
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        d = self.d
+        sock = transport.get_extra_info("socket")
+        dst = original_dst(sock)
+        local_host, _ = local_addr(sock)
+        if dst is None or d.loops_back(dst, local_host):
+            if d.override is not None:
+                dst = d.override
+            elif dst is None:
+                self.refused = "no original destination (connection was not redirected)"
+            else:
+                self.refused = f"original destination {dst} is this proxy (loop)"
+        self.dst = dst
+        if self.refused is None and dst is not None \
+                and dst.port in d.config.detect.opaque_ports:
+            self.hand_off(Protocol.OPAQUE, eof=False)
+            return
+        self.timer = d.loop.call_later(d.config.detect.timeout, self.detect_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf = self.buf + data if self.buf else data
+        verdict = detect(buf)
+        if verdict is NEED_MORE:
+            if len(buf) >= self.d.config.detect.max_bytes:
+                self.hand_off(Protocol.OPAQUE, eof=False)
+            return
+        assert isinstance(verdict, Protocol)
+        self.hand_off(verdict, eof=False)
+
+    def eof_received(self) -> bool:
+        self.hand_off(finish(self.buf) if self.buf else Protocol.OPAQUE, eof=True)
+        return True
+
+    def detect_timeout(self) -> None:
+        self.timer = None
+        self.hand_off(finish(self.buf), eof=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def hand_off(self, protocol: Protocol, *, eof: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        d = self.d
+        if self.refused is not None or self.dst is None:
+            self.refuse(protocol)
+            return
+        if protocol is Protocol.HTTP1:
+            Http1Server(d, self.transport, self.dst).start(self.buf, eof)
+        else:
+            Relay(d, self.transport, self.dst, protocol.value, self.buf).start(eof)
+
+    def refuse(self, protocol: Protocol) -> None:
+        d = self.d
+        d.registry.error(d.name, "no_orig_dst" if "not redirected" in (self.refused or "")
+                         else "loop")
+        if protocol is Protocol.HTTP1:
+            d.http.requests += 1
+            d.http.response(502, 0.0, "proxy")
+            self.transport.write(h1.error_response(502, self.refused or "refused", d.via,
+                                                   close=True))
+            self.transport.close()
+        else:
+            self.transport.abort()
+
+
+async def start_listener(d: Direction, host: str, port: int) -> asyncio.AbstractServer:
+    return await d.loop.create_server(lambda: Accepted(d), host, port, reuse_address=True,
+                                      backlog=1024)

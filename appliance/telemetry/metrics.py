@@ -1,0 +1,192 @@
+"""Every metric family the proxy exports, and their Prometheus text exposition.
+
+Hot-path rule: recording is a plain integer add on an object the connection already holds
+(``stats.requests += 1``); label sets are resolved once per connection, not per request, and
+the text is built only when /metrics is scraped. Names, labels and latency buckets follow
+linkerd2-proxy so existing dashboards and queries work.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from bisect import bisect_left
+
+# linkerd2-proxy's response_latency_ms bucket bounds.
+LATENCY_BUCKETS_MS = (
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
+    1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000,
+)
+
+
+def classify(status: int) -> str:
+    """linkerd's default HTTP classification: 5xx is a failure, everything else success."""
+    return "failure" if status >= 500 else "success"
+
+
+class HttpStats:
+    """Request/response counters for one label set (direction, protocol)."""
+
+    __slots__ = ("labels", "requests", "responses", "buckets", "latency_sum", "latency_count")
+
+    def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.labels = labels
+        self.requests = 0
+        self.responses: dict[tuple[int, str], int] = {}
+        self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def response(self, status: int, latency_s: float, error: str = "") -> None:
+        key = (status, error)
+        responses = self.responses
+        responses[key] = responses.get(key, 0) + 1
+        ms = latency_s * 1000.0
+        self.buckets[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        self.latency_sum += ms
+        self.latency_count += 1
+
+
+class TcpStats:
+    """Connection counters for one label set (direction, protocol, peer)."""
+
+    __slots__ = ("labels", "opened", "closed", "read_bytes", "write_bytes")
+
+    def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.labels = labels
+        self.opened = 0
+        self.closed = 0
+        self.read_bytes = 0
+        self.write_bytes = 0
+
+
+class Registry:
+    """Holds every stats object; builds the exposition on scrape."""
+
+    def __init__(self) -> None:
+        self._http: dict[tuple[tuple[str, str], ...], HttpStats] = {}
+        self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.start_time = time.time()
+
+    def http(self, direction: str, protocol: str = "http/1") -> HttpStats:
+        labels = (("direction", direction), ("protocol", protocol))
+        stats = self._http.get(labels)
+        if stats is None:
+            stats = self._http[labels] = HttpStats(labels)
+        return stats
+
+    def tcp(self, direction: str, protocol: str, peer: str) -> TcpStats:
+        labels = (("direction", direction), ("peer", peer), ("protocol", protocol))
+        stats = self._tcp.get(labels)
+        if stats is None:
+            stats = self._tcp[labels] = TcpStats(labels)
+        return stats
+
+    def error(self, direction: str, kind: str) -> None:
+        """Count a connection-level error (detection failure, refused loop, ...)."""
+        key = (direction, kind)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    # --- exposition ----------------------------------------------------------------------
+    def render(self) -> str:
+        out: list[str] = []
+        self._render_http(out)
+        self._render_tcp(out)
+        self._render_errors(out)
+        _render_process(out, self.start_time)
+        return "\n".join(out) + "\n"
+
+    def _render_http(self, out: list[str]) -> None:
+        http = list(self._http.values())
+        _family(out, "request_total", "counter", "Total count of HTTP requests.")
+        for s in http:
+            out.append(f"request_total{_fmt(s.labels)} {s.requests}")
+        _family(out, "response_total", "counter", "Total count of HTTP responses.")
+        for s in http:
+            for (status, error), n in sorted(s.responses.items()):
+                extra = [("status_code", str(status)), ("classification", classify(status))]
+                if error:
+                    extra.append(("error", error))
+                out.append(f"response_total{_fmt(s.labels + tuple(extra))} {n}")
+        _family(out, "response_latency_ms", "histogram",
+                "Elapsed times between a request's headers being received and its response "
+                "stream completing.")
+        for s in http:
+            cumulative = 0
+            for bound, n in zip((*LATENCY_BUCKETS_MS, "+Inf"), s.buckets, strict=True):
+                cumulative += n
+                labels = s.labels + (("le", str(bound)),)
+                out.append(f"response_latency_ms_bucket{_fmt(labels)} {cumulative}")
+            out.append(f"response_latency_ms_sum{_fmt(s.labels)} {s.latency_sum:.3f}")
+            out.append(f"response_latency_ms_count{_fmt(s.labels)} {s.latency_count}")
+
+    def _render_tcp(self, out: list[str]) -> None:
+        tcp = list(self._tcp.values())
+        rows = (
+            ("tcp_open_total", "counter", "Total count of opened connections.",
+             lambda s: s.opened),
+            ("tcp_open_connections", "gauge", "Number of currently-open connections.",
+             lambda s: s.opened - s.closed),
+            ("tcp_close_total", "counter", "Total count of closed connections.",
+             lambda s: s.closed),
+            ("tcp_read_bytes_total", "counter", "Total count of bytes read from peers.",
+             lambda s: s.read_bytes),
+            ("tcp_write_bytes_total", "counter", "Total count of bytes written to peers.",
+             lambda s: s.write_bytes),
+        )
+        for name, kind, help_text, value in rows:
+            _family(out, name, kind, help_text)
+            for s in tcp:
+                out.append(f"{name}{_fmt(s.labels)} {value(s)}")
+
+    def _render_errors(self, out: list[str]) -> None:
+        _family(out, "proxy_errors_total", "counter",
+                "Connections or requests the proxy refused or failed, by cause.")
+        for (direction, kind), n in sorted(self.errors.items()):
+            out.append(f"proxy_errors_total{_fmt((('direction', direction), ('error', kind)))}"
+                       f" {n}")
+
+
+def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
+    out.append(f"# HELP {name} {help_text}")
+    out.append(f"# TYPE {name} {kind}")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
+
+
+def _render_process(out: list[str], start_time: float) -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _family(out, "process_cpu_seconds_total", "counter",
+            "Total user and system CPU time spent in seconds.")
+    out.append(f"process_cpu_seconds_total {usage.ru_utime + usage.ru_stime:.3f}")
+    _family(out, "process_start_time_seconds", "gauge",
+            "Start time of the process since unix epoch in seconds.")
+    out.append(f"process_start_time_seconds {start_time:.3f}")
+    rss = _rss_bytes()
+    if rss is not None:
+        _family(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+        out.append(f"process_resident_memory_bytes {rss}")
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return
+    _family(out, "process_open_fds", "gauge", "Number of open file descriptors.")
+    out.append(f"process_open_fds {fds}")
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
