@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,6 +74,33 @@ def peak_rss_kib(pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+def system_cpu() -> tuple[float, float]:
+    """(user+nice+system, steal) seconds summed over all CPUs, from /proc/stat.
+
+    irq and softirq time is left out: loopback traffic is mostly softirq work that the
+    kernel does not charge to any process, so it would look like someone else's load.
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system) / CLK_TCK, steal / CLK_TCK
+
+
+def children_cpu() -> float:
+    """utime+stime of this process's reaped children (wrk runs) so far, in seconds."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def foreign_load(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU used by other processes on the machine over `seconds`."""
+    b0, _ = system_cpu()
+    own0 = cpu_seconds(os.getpid())
+    time.sleep(seconds)
+    b1, _ = system_cpu()
+    own1 = cpu_seconds(os.getpid())
+    return max(0.0, (b1 - b0) - (own1 - own0)) / seconds
 
 
 # --- wrk --------------------------------------------------------------------------------

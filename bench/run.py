@@ -38,6 +38,7 @@ PROXY_CORE = 0
 LOAD_CORE = 1  # wrk and nginx share it
 VARIANTS = ("direct", "haproxy", "appliance")
 PATHS = ("/small", "/16k")
+NOISY_CORES = 0.1  # other processes' CPU during a run above this makes the figures suspect
 TARGETS = {  # the project's goals, measured with this harness
     "http_rps_vs_haproxy": 0.6,    # appliance rps >= 0.6 x HAProxy, HTTP/1.1 /small
     "http_cpu_vs_haproxy": 1.7,    # appliance CPU/request <= 1.7 x HAProxy, HTTP/1.1 /small
@@ -69,6 +70,8 @@ class Sample:
     proxy_cpu_us_per_req: float | None
     backend_cpu_us_per_req: float
     proxy_peak_rss_mib: float | None
+    other_load_cores: float = 0.0  # CPU used by processes that are not part of this run
+    steal_cores: float = 0.0  # hypervisor steal during the run
     problems: list[str] = field(default_factory=list)
     wrk: dict[str, Any] = field(default_factory=dict)
 
@@ -99,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ".txt collapsed stacks)")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs (printed path)")
     args = p.parse_args(argv)
+    args.appliance = str(Path(args.appliance).resolve())
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     bad = [x for x in args.paths if x not in services.PATH_BODIES]
     if bad or not args.paths:
@@ -213,6 +217,8 @@ class Bench:
             return None
         p0 = measure.cpu_seconds(proxy.pid) if proxy else 0.0
         b0 = measure.cpu_seconds(self.backend.pid)
+        (s0, st0), w0, me0 = measure.system_cpu(), measure.children_cpu(), _self_cpu()
+        t0 = time.monotonic()
         try:
             res = measure.run_wrk(self.tools["wrk"], self.url(ep, path), self.args.duration,
                                   self.args.connections, LOAD_CORE)
@@ -220,6 +226,9 @@ class Bench:
             return self._failed_sample(ep, path, rnd, f"wrk: {exc}")
         p1 = measure.cpu_seconds(proxy.pid) if proxy else 0.0
         b1 = measure.cpu_seconds(self.backend.pid)
+        (s1, st1), w1, me1 = measure.system_cpu(), measure.children_cpu(), _self_cpu()
+        wall = max(time.monotonic() - t0, 1e-3)
+        ours = (p1 - p0) + (b1 - b0) + (w1 - w0) + (me1 - me0)
         n = max(res.requests, 1)
         problems = res.problems()
         if proxy is not None and not proxy.alive():
@@ -230,13 +239,15 @@ class Bench:
             proxy_cpu_us_per_req=(p1 - p0) * 1e6 / n if proxy else None,
             backend_cpu_us_per_req=(b1 - b0) * 1e6 / n,
             proxy_peak_rss_mib=measure.peak_rss_kib(proxy.pid) / 1024 if proxy else None,
+            other_load_cores=max(0.0, (s1 - s0) - ours) / wall, steal_cores=(st1 - st0) / wall,
             problems=problems, wrk=res.summary(),
         )
 
     @staticmethod
     def _failed_sample(ep: Endpoint, path: str, rnd: int, why: str) -> Sample:
         nan = float("nan")
-        return Sample(ep.group, path, ep.variant, rnd, 0.0, 0, nan, nan, None, nan, None, [why])
+        return Sample(ep.group, path, ep.variant, rnd, 0.0, 0, nan, nan, None, nan, None,
+                      problems=[why])
 
     def run_rounds(self, cases: list[tuple[str, str]]) -> list[Sample]:
         samples: list[Sample] = []
@@ -255,11 +266,19 @@ class Bench:
         return samples
 
 
+def _self_cpu() -> float:
+    """This process's own user+system CPU seconds."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _progress(done: int, total: int, s: Sample) -> None:
     cpu = " " * 13
     if s.proxy_cpu_us_per_req is not None:
         cpu = f"{s.proxy_cpu_us_per_req:6.1f} us/req"
     flag = f"  !! {'; '.join(s.problems)}" if s.problems else ""
+    if s.other_load_cores > NOISY_CORES:
+        flag += f"  (noisy: other processes used {s.other_load_cores:.2f} cores)"
     print(f"[{done:>3}/{total}] round {s.round} {s.group:<4} {s.path:<6} {s.variant:<9} "
           f"{s.rps:>9.0f} rps  p99 {s.p99_ms:7.2f} ms  {cpu}{flag}", flush=True)
 
@@ -293,6 +312,8 @@ def summarise(samples: list[Sample], endpoints: dict[tuple[str, str], Endpoint],
                 "backend_cpu_us_per_req": _median([s.backend_cpu_us_per_req for s in mine]),
                 "proxy_peak_rss_mib": max((s.proxy_peak_rss_mib or 0 for s in mine), default=None)
                 if variant != "direct" else None,
+                "other_load_cores_max": max((s.other_load_cores for s in mine), default=None),
+                "steal_cores_max": max((s.steal_cores for s in mine), default=None),
                 "ok": bool(mine) and not problems,
                 "problems": problems,
             })
@@ -378,6 +399,15 @@ def print_report(summary: dict[str, Any], checks: list[dict[str, Any]]) -> None:
                   f"{_f(r['rps_haproxy_vs_direct'], '.2f'):>14} "
                   f"{_f(r['cpu_appliance_vs_haproxy'], '.2f'):>11} "
                   f"{_f(r['cpu_appliance_vs_backend'], '.2f'):>13}{note}")
+    noisy = [r for r in summary["rows"] if (r["other_load_cores_max"] or 0) > NOISY_CORES]
+    if noisy:
+        worst = max(r["other_load_cores_max"] for r in noisy)
+        print(f"\nWARNING: other processes on this machine used up to {worst:.2f} cores during "
+              f"{len(noisy)} of the cases above; those figures are suspect. Rerun on a quiet "
+              "machine (see `top`).")
+    steal = max((r["steal_cores_max"] or 0 for r in summary["rows"]), default=0)
+    if steal > NOISY_CORES:
+        print(f"WARNING: hypervisor steal reached {steal:.2f} cores during a run.")
     if checks:
         print("\nTargets (appliance vs HAProxy, same run):")
         for c in checks:
@@ -480,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {env['cores']} cores ({env['cpu']}); proxy on core {PROXY_CORE}, nginx+wrk "
               f"on core {LOAD_CORE}; {args.rounds} rounds x {args.duration:.0f}s, "
               f"{args.connections} connections; logs in {tmp}", flush=True)
+        idle = measure.foreign_load(1.0)
+        if idle > NOISY_CORES:
+            print(f"WARNING: before starting, other processes use {idle:.2f} cores; results will "
+                  "be noisy", file=sys.stderr)
         bench.start_all(groups, with_appliance)
         bench.check_bodies(args.paths)
         bench.warm_up(cases)

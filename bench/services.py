@@ -261,8 +261,10 @@ def start_proxy(svc: Service, port: int, deadline_s: float = 10.0) -> None:
 def appliance_argv(binary: str, ports: tuple[int, int, int], backend_port: int,
                    opaque: bool, extra: list[str]) -> list[str]:
     outbound, inbound, admin = ports
-    argv = [
-        binary, "proxy",
+    # A .py file (such as bench/fake_appliance.py) runs under this interpreter.
+    argv = [sys.executable, binary] if binary.endswith(".py") else [binary]
+    argv += [
+        "proxy",
         "--outbound-port", str(outbound), "--inbound-port", str(inbound),
         "--admin-port", str(admin), "--log-level", "warning",
         "--set", f"outbound.bind={HOST}", "--set", f"inbound.bind={HOST}",

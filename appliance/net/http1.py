@@ -86,11 +86,17 @@ class Http1Server(asyncio.Protocol):
             return
         parser = self.parser
         was_in_head = parser.in_head
+        self.feeding = True
         try:
             offset = parser.feed(data)
         except HttpError as exc:
+            self.feeding = False
+            self.flush_upstreams()
             self.refuse(exc.status, exc.reason)
             return
+        self.feeding = False
+        if self.corked:
+            self.flush_upstreams()
         now = self.d.loop.time()
         self.last_active = now
         if parser.in_head and not was_in_head:
@@ -115,6 +121,22 @@ class Http1Server(asyncio.Protocol):
         return True
 
     wants_close = False
+    # While a read is parsed, writes to a freshly attached upstream are collected and sent
+    # as one write after the parse (head and body of a small request in one syscall).
+    feeding = False
+    corked: list[Http1Upstream] = []  # replaced per connection on first use
+
+    def cork(self, up: Http1Upstream) -> None:
+        if up.out is None:
+            up.out = []
+            if not self.corked:
+                self.corked = []
+            self.corked.append(up)
+
+    def flush_upstreams(self) -> None:
+        corked, self.corked = self.corked, []
+        for up in corked:
+            up.flush()
 
     # --- parser events -----------------------------------------------------------------
     def on_head(self, head: RequestHead) -> None:
@@ -235,17 +257,31 @@ class Http1Server(asyncio.Protocol):
             ex.up.transport.resume_reading()
 
     # --- output and teardown -----------------------------------------------------------
+    # Response bytes produced while one upstream read is parsed are sent as one write.
+    out: list[bytes] | None = None
+
     def write(self, data: bytes) -> None:
         if not self.closed:
             self.tcp.write_bytes += len(data)
-            self.transport.write(data)
+            out = self.out
+            if out is not None:
+                out.append(data)
+            else:
+                self.transport.write(data)
+
+    def flush(self) -> None:
+        out, self.out = self.out, None
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         if not self.closed:
+            self.flush()
             self.closed = True
             self.transport.close()
 
     def abort(self) -> None:
+        self.out = None
         self.closed = True
         self.transport.abort()
 
@@ -345,8 +381,11 @@ class Exchange:
         up.parser.expect(self.head.method)
         pending, self.pending = self.pending, []
         self.pending_len = 0
-        if self.server.write_paused:
+        server = self.server
+        if server.write_paused:
             up.transport.pause_reading()
+        if server.feeding:
+            server.cork(up)
         up.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if len(pending) > 1:
             self.body_sent = True
@@ -558,9 +597,20 @@ class Http1Upstream(asyncio.Protocol):
         self.transport = transport
         self.tcp.opened += 1
 
+    out: list[bytes] | None = None
+
     def write(self, data: bytes) -> None:
         self.tcp.write_bytes += len(data)
-        self.transport.write(data)
+        out = self.out
+        if out is not None:
+            out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out, self.out = self.out, None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def data_received(self, data: bytes) -> None:
         self.tcp.read_bytes += len(data)
@@ -568,11 +618,17 @@ class Http1Upstream(asyncio.Protocol):
         if ex is None:  # bytes on an idle connection: the server is confused, drop it
             self.abort()
             return
+        server = ex.server
+        server.out = []
         try:
             offset = self.parser.feed(data)
         except HttpError as exc:
+            server.flush()
             ex.upstream_failed(exc.reason)
             return
+        finally:
+            if server.out is not None:
+                server.flush()
         if offset is not None and self.ex is not None:
             self.ex.upgraded(data[offset:])
 
