@@ -21,6 +21,7 @@ protocol, matches, target), so a saved table can be compared with a plan line by
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +36,7 @@ INBOUND_HOOK_COMMENT = COMMENT_PREFIX + "inbound"
 OUTBOUND_HOOK_COMMENT = COMMENT_PREFIX + "outbound"
 ALWAYS_SKIPPED_INBOUND = (4190, 4191)  # the proxy's tap and admin ports
 MULTIPORT_MAX = 15  # xt_multiport slots per rule; a range takes two
+_PORT_TOKEN = re.compile(r"(?P<first>[0-9]{1,5})(?:-(?P<last>[0-9]{1,5}))?")
 
 
 class PlanError(ValueError):
@@ -72,11 +74,12 @@ def parse_ports(text: str, *, flag: str) -> tuple[PortRange, ...]:
 
 
 def _parse_port_token(token: str, text: str, flag: str) -> PortRange:
-    first, sep, last = token.partition("-")
+    match = _PORT_TOKEN.fullmatch(token)
     try:
-        lo = int(first, 10)
-        hi = int(last, 10) if sep else lo
-        return PortRange(lo, hi)
+        if match is None:
+            raise ValueError(token)
+        lo = int(match["first"])
+        return PortRange(lo, int(match["last"]) if match["last"] else lo)
     except (ValueError, PlanError):
         raise PlanError(
             f"{flag}: bad port {token!r} in {text!r} "
