@@ -100,6 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="instead of benchmarking, record a py-spy profile of appliance (HTTP "
                         "/small, --duration s) to OUT (.svg flame graph, .json speedscope, "
                         ".txt collapsed stacks)")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: include native frames (uvloop, httptools, libc)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for other processes' load to drop below "
+                        f"{NOISY_CORES} cores before starting (0: just warn)")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs (printed path)")
     args = p.parse_args(argv)
     args.appliance = str(Path(args.appliance).resolve())
@@ -464,7 +469,8 @@ def profile(bench: Bench, out: str) -> int:
     dur = max(1, round(bench.args.duration))
     spy = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), str(pyspy), "record", "--pid",
                             str(ep.proxy.pid), "--duration", str(dur), "--rate", "250",
-                            "--format", fmt, "--output", out, "--nonblocking"],
+                            "--format", fmt, "--output", out,
+                            *(["--native"] if bench.args.profile_native else [])],
                            start_new_session=True)
     try:
         time.sleep(0.5)
@@ -478,6 +484,17 @@ def profile(bench: Bench, out: str) -> int:
     print(f"appliance under py-spy: {res.rps:.0f} rps (profiling slows it; do not compare)")
     print(f"profile ({fmt}) written to {out}")
     return 0 if spy.returncode == 0 else 1
+
+
+def wait_quiet(limit_s: float) -> float:
+    """Other processes' load (cores), after waiting up to `limit_s` for it to fall."""
+    end = time.monotonic() + limit_s
+    load = measure.foreign_load(1.0)
+    while load > NOISY_CORES and time.monotonic() < end:
+        print(f"bench: waiting for a quiet machine (other load {load:.2f} cores)", flush=True)
+        time.sleep(4.0)
+        load = measure.foreign_load(1.0)
+    return load
 
 
 # --- main --------------------------------------------------------------------------------
@@ -510,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {env['cores']} cores ({env['cpu']}); proxy on core {PROXY_CORE}, nginx+wrk "
               f"on core {LOAD_CORE}; {args.rounds} rounds x {args.duration:.0f}s, "
               f"{args.connections} connections; logs in {tmp}", flush=True)
-        idle = measure.foreign_load(1.0)
+        idle = wait_quiet(args.wait_quiet)
         if idle > NOISY_CORES:
             print(f"WARNING: before starting, other processes use {idle:.2f} cores; results will "
                   "be noisy", file=sys.stderr)
