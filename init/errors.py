@@ -44,4 +44,7 @@ def from_backend_message(message: str) -> InitError:
                                 "CAP_NET_RAW in this network namespace)")
     if "Table does not exist" in line or "do you need to insmod" in line:
         return BackendUnavailable(f"nat table not available: {line}")
+    if "can't find match" in line or "can't find target" in line:
+        return BackendUnavailable(f"xtables extension not loadable: {line} (is the "
+                                  "iptables package installed? is XTABLES_LIBDIR right?)")
     return ApplyError(line)

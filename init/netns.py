@@ -20,10 +20,12 @@ the veths and the bridge with them. Waiting is always on a condition with a dead
 from __future__ import annotations
 
 import atexit
+import functools
 import ipaddress
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -54,9 +56,10 @@ class Host:
 
     def argv(self, argv: Sequence[str], *, uid: int | None = None) -> list[str]:
         """``argv`` wrapped to run inside this namespace, as ``uid`` (and gid) if given."""
-        wrapped = ["ip", "netns", "exec", self.netns]
+        wrapped = [_tool("ip"), "netns", "exec", self.netns]
         if uid is not None:
-            wrapped += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            wrapped += [_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}",
+                        "--clear-groups"]
         return wrapped + [str(a) for a in argv]
 
     def run(self, argv: Sequence[str], *, uid: int | None = None, check: bool = True,
@@ -198,7 +201,7 @@ def wait_for_port(host: Host, port: int, timeout: float = 10.0, *,
     Raises TimeoutError after ``timeout`` seconds, or NetnsError at once if ``proc`` (the
     process expected to listen) has exited."""
     deadline = time.monotonic() + timeout
-    query = ["ss", "-Hltn", f"sport = :{port}"]
+    query = [_tool("ss"), "-Hltn", f"sport = :{port}"]
     while True:
         if proc is not None and proc.poll() is not None:
             raise NetnsError(f"{host.name}: process exited ({proc.returncode}) before "
@@ -243,6 +246,16 @@ def _addresses(subnet: ipaddress.IPv4Network, hosts: Sequence[str]) -> list[str]
     if first + len(hosts) - 1 >= int(subnet.broadcast_address):
         raise ValueError(f"subnet {subnet} is too small for {len(hosts)} hosts")
     return [str(ipaddress.IPv4Address(first + i)) for i in range(len(hosts))]
+
+
+@functools.cache
+def _tool(name: str) -> str:
+    """Absolute path of a harness tool, so a caller's ``env`` (PATH) affects only its
+    own command, never how we enter the namespace."""
+    path = shutil.which(name)
+    if path is None:
+        raise NetnsError(f"{name} not found on PATH (needed by the netns harness)")
+    return path
 
 
 def _up(ipr: IPRoute, ifname: str) -> None:

@@ -6,6 +6,7 @@ Also checks the harness itself (init/netns.py): isolation and cleanup.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -200,3 +201,34 @@ def test_network_close_removes_namespaces_and_processes(
     assert not any(n in listed for n in names)
     assert subprocess.run(["ip", "-o", "link"], capture_output=True,
                           text=True).stdout == root_links
+
+
+@pytest.mark.parametrize(("legacy_rules", "expected"), [(True, "legacy"), (False, "nft")])
+def test_auto_mode_follows_the_backend_already_in_use(
+        solo: Host, legacy_rules: bool, expected: str) -> None:
+    """auto: a namespace with legacy rules gets legacy; an empty one gets nft."""
+    if legacy_rules:
+        solo.run(["iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "RETURN"])
+    done = init(solo, "--iptables-mode", "auto", "--no-ipv6")
+    assert f"({expected} backend, auto:" in done.stderr
+    other = "nft" if expected == "legacy" else "legacy"
+    assert ours(dump(solo, expected)["ipv4"]) and not ours(dump(solo, other)["ipv4"])
+
+
+@pytest.mark.parametrize(("argv", "env", "uid", "code"), [
+    (["--iptables-mode", "nft"], None, PROXY_UID, 3),
+    (["--iptables-mode", "legacy"], None, PROXY_UID, 3),
+    (["--iptables-mode", "nft"], {"PATH": "/nonexistent"}, None, 4),
+    (["--iptables-mode", "legacy"], {"XTABLES_LIBDIR": "/nonexistent"}, None, 4),
+    (["--skip-outbound-ports", "80-x"], None, None, 2),
+])
+def test_failures_have_documented_exit_codes_and_change_nothing(
+        solo: Host, argv: list[str], env: dict[str, str] | None, uid: int | None,
+        code: int) -> None:
+    """No privileges -> 3, backend cannot load -> 4, bad flag -> 2; one line, no rules."""
+    before = {m: dump(solo, m) for m in MODES}
+    done = solo.run([*INIT, *argv], uid=uid, check=False, timeout=60,
+                    env=None if env is None else {**os.environ, **env})
+    assert done.returncode == code, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("appliance init: error: ")
+    assert {m: dump(solo, m) for m in MODES} == before

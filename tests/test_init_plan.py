@@ -331,6 +331,7 @@ def test_privilege_check_names_missing_capabilities(cap_eff: str, mode: str,
      "permitted", EXIT_PERMISSION),
     ("can't initialize ip6tables table `nat': Table does not exist (do you need to "
      "insmod?)", EXIT_BACKEND),
+    ("legacy ipv4: can't find match tcp", EXIT_BACKEND),
     ("iptables-nft-restore: line 3 failed", EXIT_FAILED),
 ])
 def test_backend_messages_map_to_exit_codes(message: str, code: int) -> None:
