@@ -466,11 +466,13 @@ class Exchange:
         if self.interim:
             self.interim = False
             return
+        rh = self.response_head
+        assert rh is not None
+        if self.tunnel_opens(rh):
+            return  # the tunnel takes over in upgraded()
         if self.chunked_out:
             self.server.write(last_chunk(trailers))
         self.finished = True
-        rh = self.response_head
-        assert rh is not None
         self.d.http.response(rh.status, self.d.loop.time() - self.started)
         self.release()
 

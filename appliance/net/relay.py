@@ -85,6 +85,7 @@ class Relay:
         self.up.stats = direction.tcp_stats(protocol, "dst")
         self.down.other = self.up
         self.up.other = self.down
+        self.down.stats.read_bytes += len(early)  # read while the protocol was detected
         self._held: list[bytes] = [early] if early else []
         self._held_len = len(early)
         self._closed = False
