@@ -35,11 +35,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="the proxy's UID; its own traffic is not redirected (2102)")
     p.add_argument("--proxy-gid", metavar="GID",
                    help="also exempt traffic of this GID (default: none)")
-    p.add_argument("--inbound-port", default="4143", metavar="PORT")
-    p.add_argument("--outbound-port", default="4140", metavar="PORT")
+    p.add_argument("--inbound-port", default="4143", metavar="PORT",
+                   help="the proxy's inbound listener (4143)")
+    p.add_argument("--outbound-port", default="4140", metavar="PORT",
+                   help="the proxy's outbound listener (4140)")
     p.add_argument("--skip-inbound-ports", default="", metavar="PORTS",
                    help="e.g. 22,8000-8010; 4190 and 4191 are always skipped")
-    p.add_argument("--skip-outbound-ports", default="", metavar="PORTS")
+    p.add_argument("--skip-outbound-ports", default="", metavar="PORTS",
+                   help="destination ports the app reaches directly, e.g. 5432")
     p.add_argument("--skip-subnets", default="", metavar="CIDRS",
                    help="inbound source subnets left alone, e.g. 10.0.0.0/8,fd00::/8")
     p.add_argument("--skip-outbound-subnets", default="", metavar="CIDRS",
