@@ -45,6 +45,14 @@ class NetnsError(RuntimeError):
     """The harness could not build, use or tear down a test network."""
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A ``Host.run`` command exited non-zero; ``str()`` includes the end of its stderr."""
+
+    def __str__(self) -> str:
+        tail = (self.stderr or "").strip()[-500:]
+        return f"{super().__str__()}\nstderr: {tail}" if tail else super().__str__()
+
+
 @dataclass(eq=False)
 class Host:
     """One host: a namespace with ``eth0`` at ``addr`` on the test subnet."""
@@ -79,7 +87,7 @@ class Host:
             raise
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         if check and done.returncode != 0:
-            raise subprocess.CalledProcessError(done.returncode, proc.args, out, err)
+            raise CommandFailed(done.returncode, proc.args, out, err)
         return done
 
     def popen(self, argv: Sequence[str], *, uid: int | None = None,
@@ -181,17 +189,23 @@ class Network:
             return  # a forked child must not tear down its parent's network
         self._closed = True
         _OPEN.discard(self)
-        errors: list[str] = []
+        errors: list[str] = []  # keep going: every later step still frees something
         for proc in self._procs:
-            _kill_group(proc, grace=2.0)
-        _kill_inside(self._created)
+            try:
+                _kill_group(proc, grace=2.0)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                errors.append(f"pid {proc.pid}: {exc}")
+        try:
+            _kill_inside(self._created)
+        except NetnsError as exc:
+            errors.append(str(exc))
         for name in reversed(self._created):
             try:
                 pr_netns.remove(name)
             except OSError as exc:
                 errors.append(f"{name}: {exc}")
         if errors:
-            raise NetnsError("could not remove namespaces: " + "; ".join(errors))
+            raise NetnsError(f"cleanup of {self.base} incomplete: " + "; ".join(errors))
 
 
 def wait_for_port(host: Host, port: int, timeout: float = 10.0, *,
