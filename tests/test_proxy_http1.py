@@ -239,3 +239,17 @@ def test_client_abort_mid_response_leaks_nothing(mesh: ProxyProcess) -> None:
     wait_for(lambda: mesh.metric("tcp_open_connections", direction="outbound", peer="src") == 0,
              timeout=10, what="no open client connections")
     time.sleep(0)  # nothing to wait for: the conditions above are the assertions
+
+
+def test_slow_request_head_gets_408() -> None:
+    """A client that trickles its request head past http.header_timeout is cut off."""
+    with proxy("outbound.orig_dst_override=127.0.0.1:9", "http.header_timeout=500ms") as p:
+        with socket.create_connection(("127.0.0.1", p.outbound), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            start = time.monotonic()
+            out = b""
+            while piece := s.recv(4096):
+                out += piece
+            assert out.startswith(b"HTTP/1.1 408 ")
+            assert time.monotonic() - start < 5
+        assert p.metric("proxy_errors_total", error="header_timeout") == 1
