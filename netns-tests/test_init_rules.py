@@ -128,6 +128,19 @@ def test_install_twice_is_identical_and_uninstall_leaves_no_trace(solo: Host, mo
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_reinstall_keeps_hooks_where_they_are(solo: Host, mode: str) -> None:
+    """A rule appended after our hook stays after it: re-install does not move hooks."""
+    init(solo, "--iptables-mode", mode, "--no-ipv6")
+    solo.run([f"iptables-{mode}", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "9",
+              "-j", "RETURN"])
+    snapshot = dump(solo, mode)
+    output = [x for x in snapshot["ipv4"] if x.startswith("-A OUTPUT")]
+    assert "appliance/outbound" in output[0] and "--dport 9" in output[1]
+    init(solo, "--iptables-mode", mode, "--no-ipv6")
+    assert dump(solo, mode) == snapshot
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_install_replaces_duplicated_hooks(solo: Host, mode: str) -> None:
     """A doubled hook (e.g. from a crashed script) ends up as exactly one."""
     init(solo, "--iptables-mode", mode, "--no-ipv6")
