@@ -109,9 +109,10 @@ def _thrift_message(buf: bytes) -> Verdict | None:
         if len(buf) < 2:
             return NEED_MORE
         return Protocol.THRIFT if buf[1] in (0x21, 0x81) else None
-    # Non-strict binary: i32 name length, name (printable ASCII), type byte.
+    # Non-strict binary: i32 name length (1..256), name (printable ASCII), type byte.
     if len(buf) < 4:
-        return NEED_MORE if buf == b"\x00" * len(buf) else None
+        smallest = int.from_bytes(buf + b"\x00" * (4 - len(buf)), "big")
+        return NEED_MORE if smallest <= 256 else None
     length = int.from_bytes(buf[:4], "big")
     if not 0 < length <= 256:
         return None
@@ -127,11 +128,12 @@ def _check_thrift(buf: bytes) -> Verdict | None:
     unframed = _thrift_message(buf)
     if unframed is not None:
         return unframed
-    # Framed transport: a 4-byte big-endian frame length, then a message.
+    # Framed transport: a 4-byte big-endian frame length under 16 MiB, then a message.
+    if buf[0] != 0:
+        return None
     if len(buf) < 4:
-        return NEED_MORE if buf == b"\x00" * len(buf) else None
-    frame = int.from_bytes(buf[:4], "big")
-    if not 0 < frame <= 256 * 1024 * 1024:
+        return NEED_MORE
+    if int.from_bytes(buf[:4], "big") == 0:
         return None
     return _thrift_message(buf[4:])
 
