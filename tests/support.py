@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import h11
+
+from appliance.telemetry import scrape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,15 +104,7 @@ class ProxyProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
-        total = 0.0
-        for line in self.metrics().splitlines():
-            m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})? (\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(have.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
+        return scrape.total(self.metrics(), name, **labels)
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
