@@ -1,14 +1,173 @@
-"""``appliance demo``: the mesh on hosts in network namespaces (filled in below)."""
+"""``appliance demo``: a small mesh on hosts in network namespaces (needs root).
+
+Three hosts on a private bridge in 198.18.0.0/24: ``client``, ``web1`` and ``web2``. In each,
+``appliance init`` installs the redirect rules and ``appliance proxy`` runs as UID 2102, as a
+sidecar would. Unmodified programs then talk: ``curl`` to ``python3 -m http.server`` on both
+web hosts, and a plain TCP client to an echo server on web2. The report shows what each
+proxy saw, read from its own /metrics. Everything is removed at the end (or on Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from typing import Any
+
+HOSTS = ("client", "web1", "web2")
+HTTP_PORT = 8080
+ECHO_PORT = 7000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("demo", help="run a demo mesh in network namespaces (root)")
+    p = sub.add_parser("demo", help="run a demo mesh in network namespaces (root)",
+                       description=__doc__)
+    p.add_argument("--requests", type=int, default=20, metavar="N",
+                   help="HTTP requests from the client to each web host (default 20)")
+    p.add_argument("--iptables-mode", choices=["auto", "legacy", "nft"], default="auto")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the mesh running until Enter or Ctrl-C, to explore it")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("appliance demo: not available yet")
+    if os.geteuid() != 0:
+        print("appliance demo: needs root (network namespaces and iptables)", file=sys.stderr)
+        return 3
+    missing = [t for t in ("ip", "curl", "setpriv", "ss") if shutil.which(t) is None]
+    if missing:
+        print(f"appliance demo: missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 4
+    from init.netns import Network
+
+    with Network("apdemo", list(HOSTS)) as net, tempfile.TemporaryDirectory() as tmp:
+        return _run(net, args, tmp)
+
+
+def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
+    from init.mesh import ECHO_SERVER, MeshNode, start_app
+
+    say(f"appliance demo: {len(HOSTS)} hosts in network namespaces on {net.subnet}")
+    nodes = {}
+    for host in net:
+        node = MeshNode(host, iptables_mode=args.iptables_mode)
+        node.install_rules()
+        node.start_proxy()
+        nodes[host.name] = node
+    os.chmod(tmp, 0o755)
+    for name in ("web1", "web2"):
+        root = os.path.join(tmp, name)
+        os.makedirs(root)
+        with open(os.path.join(root, "index.html"), "w") as fh:
+            fh.write(f"hello from {name}\n")
+        start_app(net[name], ["python3", "-m", "http.server", str(HTTP_PORT), "--bind",
+                              "0.0.0.0", "--directory", root], HTTP_PORT,
+                  stderr=subprocess.DEVNULL)
+    start_app(net["web2"], ["python3", "-c", ECHO_SERVER, str(ECHO_PORT)], ECHO_PORT,
+              stderr=subprocess.DEVNULL)
+    for host in net:
+        app = {"client": "curl, a TCP client",
+               "web1": f"python3 -m http.server {HTTP_PORT}",
+               "web2": f"python3 -m http.server {HTTP_PORT}, TCP echo on {ECHO_PORT}"}
+        say(f"  {host.name:<7} {host.addr:<12} {app[host.name]}")
+    say("  each: rules by `appliance init`, `appliance proxy` as UID 2102, apps unchanged\n")
+
+    ok = _traffic(net, args.requests)
+    say("")
+    _report(nodes)
+    if args.keep:
+        _explore(net)
+    for node in nodes.values():
+        node.stop_proxy()
+    return 0 if ok else 1
+
+
+def _traffic(net: Any, count: int) -> bool:
+    client = net["client"]
+    ok = True
+    say("traffic from the client (unmodified programs):")
+    for name in ("web1", "web2"):
+        url = f"http://{net[name].addr}:{HTTP_PORT}/"
+        codes: dict[str, int] = {}
+        body = via = ""
+        for _ in range(count):
+            done = client.run(["curl", "-s", "-D", "-", "--max-time", "5", url], check=False)
+            head, _, body = done.stdout.partition("\n\n")  # text mode: CRLF read as LF
+            status = head.split(" ", 2)[1] if head.startswith("HTTP/") else "error"
+            codes[status] = codes.get(status, 0) + 1
+            via = ", ".join(ln.split(":", 1)[1].strip() for ln in head.split("\n")
+                            if ln.lower().startswith("via:")) or via
+        ok = ok and codes.get("200") == count and body.strip() == f"hello from {name}"
+        summary = ", ".join(f"{n}x {s}" for s, n in sorted(codes.items()))
+        say(f"  curl {url} x{count}: {summary}, body {body.strip()!r}")
+        say(f"    via: {via}")
+    echo = _echo(client, net["web2"].addr)
+    ok = ok and echo
+    say(f"  tcp {net['web2'].addr}:{ECHO_PORT}: 64 KiB of binary bytes echoed "
+        f"{'byte for byte' if echo else 'WRONG'}")
+    return ok
+
+
+ECHO_CLIENT = """
+import socket, sys
+payload = bytes(range(256)) * 256
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while data := s.recv(65536):
+        got += data
+print("ok" if got == payload else "mismatch")
+"""
+
+
+def _echo(client: Any, addr: str) -> bool:
+    done = client.run(["python3", "-c", ECHO_CLIENT, addr, str(ECHO_PORT)], check=False)
+    return done.stdout.strip() == "ok"
+
+
+def _report(nodes: dict[str, Any]) -> None:
+    from appliance.telemetry import scrape
+
+    say("what each proxy saw (from its own /metrics on :4191):")
+    say(f"  {'host':<7} {'direction':<9} {'requests':>8} {'success':>8} {'mean ms':>8}  "
+        f"{'connections by protocol':<28}")
+    for name, node in nodes.items():
+        text = node.metrics()
+        for direction in ("outbound", "inbound"):
+            reqs = scrape.total(text, "request_total", direction=direction)
+            good = scrape.total(text, "response_total", direction=direction,
+                                classification="success")
+            lat_sum = scrape.total(text, "response_latency_ms_sum", direction=direction)
+            lat_n = scrape.total(text, "response_latency_ms_count", direction=direction)
+            conns = {s.labels["protocol"]: int(s.value) for s in scrape.parse(text)
+                     if s.name == "tcp_open_total" and s.labels.get("direction") == direction
+                     and s.labels.get("peer") == "src" and s.value}
+            if not reqs and not conns:
+                continue
+            rate = f"{100 * good / reqs:.0f}%" if reqs else "-"
+            mean = f"{lat_sum / lat_n:.1f}" if lat_n else "-"
+            protos = ", ".join(f"{p} {n}" for p, n in sorted(conns.items()))
+            say(f"  {name:<7} {direction:<9} {int(reqs):>8} {rate:>8} {mean:>8}  {protos}")
+
+
+def _explore(net: Any) -> None:
+    client = net["client"]
+    say(textwrap.dedent(f"""
+        The mesh is running. In another shell, for example:
+          ip netns exec {client.netns} curl -v http://{net['web1'].addr}:{HTTP_PORT}/
+          ip netns exec {client.netns} curl -s http://127.0.0.1:4191/metrics
+          ip netns exec {net['web1'].netns} iptables -t nat -S
+        Press Enter (or Ctrl-C) to tear it all down."""))
+    try:
+        input()
+    except (EOFError, KeyboardInterrupt):
+        pass
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
