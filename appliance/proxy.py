@@ -54,8 +54,8 @@ class Proxy:
     def bound_ports(self) -> dict[str, int]:
         """Actual ports (useful when the config asked for port 0)."""
         names = ("outbound", "inbound", "admin")
-        return {n: s.sockets[0].getsockname()[1] for n, s in zip(names, self.servers,
-                                                                   strict=True)}
+        return {n: s.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+                for n, s in zip(names, self.servers, strict=True)}
 
     def _metrics(self) -> tuple[int, str, bytes]:
         return 200, "text/plain; version=0.0.4", self.registry.render().encode()

@@ -355,7 +355,7 @@ class Exchange:
                                          dst.port),
                 d.connect_timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.connect_failed("connect_timeout",
                                 f"upstream unreachable: connect to {dst} timed out")
             return
@@ -447,6 +447,7 @@ class Exchange:
                 else:
                     keep = False
         self.keep_client = keep
+        connection: bytes | None
         if head.version == b"1.0":
             connection = b"keep-alive" if keep else b"close"
         else:

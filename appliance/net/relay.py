@@ -129,7 +129,7 @@ class Relay:
                                          self.dst.port),
                 d.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             d.registry.error(d.name, "connect_timeout" if isinstance(
                 exc, asyncio.TimeoutError) else "connect_refused")
             self.close(abort=True)
