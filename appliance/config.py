@@ -46,7 +46,8 @@ class OutboundConfig:
     port: int = 4140
     """Port of the outbound listener; the app's outgoing TCP is redirected here."""
     bind: str = "0.0.0.0"
-    """Address the outbound listener binds ("::" for dual stack)."""
+    """Address the outbound listener binds. The default, 0.0.0.0, also listens on "::"
+    (IPv6 only) when the host has IPv6, so redirected IPv6 connections are served too."""
     connect_timeout: float = 1.0
     """Seconds allowed to connect to an upstream endpoint before 502 / close."""
     orig_dst_override: HostPort | None = None
@@ -60,7 +61,7 @@ class InboundConfig:
     port: int = 4143
     """Port of the inbound listener; peers' TCP to the workload is redirected here."""
     bind: str = "0.0.0.0"
-    """Address the inbound listener binds."""
+    """Address the inbound listener binds (0.0.0.0: IPv6 too, as for outbound)."""
     connect_timeout: float = 0.1
     """Seconds allowed to connect to the local workload."""
     forward_to_loopback: bool = False
@@ -75,7 +76,7 @@ class AdminConfig:
     port: int = 4191
     """Port of the admin server (/metrics, /ready, /live)."""
     bind: str = "0.0.0.0"
-    """Address the admin server binds."""
+    """Address the admin server binds (0.0.0.0: IPv6 too, as for outbound)."""
 
 
 @dataclass(frozen=True, kw_only=True)

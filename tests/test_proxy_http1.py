@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from typing import Any
 
 import h11
 import pytest
@@ -253,3 +254,22 @@ def test_slow_request_head_gets_408() -> None:
             assert out.startswith(b"HTTP/1.1 408 ")
             assert time.monotonic() - start < 5
         assert p.metric("proxy_errors_total", error="header_timeout") == 1
+
+
+def test_ipv6_client_and_upstream(tmp_path: Any) -> None:
+    """Over IPv6 loopback end to end: an IPv6 listener and an IPv6 upstream."""
+    (tmp_path / "f.txt").write_text("over v6\n")
+    port = free_port()
+    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "::1",
+                               "--directory", str(tmp_path)], stderr=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: subprocess.run(["curl", "-sg", f"http://[::1]:{port}/f.txt"],
+                                        capture_output=True).stdout == b"over v6\n",
+                 what="IPv6 http.server")
+        with proxy("outbound.bind=::1", f"outbound.orig_dst_override=[::1]:{port}") as p:
+            r = curl("-g", f"http://[::1]:{p.outbound}/f.txt")
+            assert r.stdout == b"over v6\n", r.stderr
+    finally:
+        server.terminate()
+        server.wait()

@@ -73,5 +73,6 @@ class AdminProtocol(asyncio.Protocol):
 
 async def start_admin(loop: asyncio.AbstractEventLoop, host: str, port: int,
                       routes: dict[str, Route]) -> asyncio.AbstractServer:
-    return await loop.create_server(lambda: AdminProtocol(routes), host, port,
-                                    reuse_address=True)
+    from appliance.net.listener import listen
+
+    return await listen(loop, lambda: AdminProtocol(routes), host, port)

@@ -307,7 +307,7 @@ class Exchange:
     __slots__ = (
         "server", "d", "head", "started", "up", "pending", "pending_len", "request_done",
         "response_started", "response_head", "chunked_out", "close_delimited",
-        "keep_client", "timer", "reused", "retried", "body_sent", "tunnel_early",
+        "keep_client", "waiting_since", "reused", "retried", "body_sent", "tunnel_early",
         "finished", "interim",
     )
 
@@ -325,7 +325,7 @@ class Exchange:
         self.chunked_out = False
         self.close_delimited = False
         self.keep_client = True
-        self.timer: asyncio.TimerHandle | None = None
+        self.waiting_since = 0.0  # when the whole request had been sent; 0 once answered
         self.reused = False
         self.retried = False
         self.body_sent = False
@@ -389,9 +389,6 @@ class Exchange:
         up.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if len(pending) > 1:
             self.body_sent = True
-        timeout = self.d.config.http.response_timeout
-        if timeout:
-            self.timer = self.d.loop.call_later(timeout, self.response_timeout)
 
     def request_body(self, data: bytes) -> None:
         if self.head.chunked:
@@ -414,6 +411,8 @@ class Exchange:
             else:
                 self.pending.append(end)
         self.request_done = True
+        if self.response_head is None:
+            self.waiting_since = self.d.loop.time()
 
     # --- response side -----------------------------------------------------------------
     def response_head_received(self, rh: ResponseHead) -> None:
@@ -425,9 +424,7 @@ class Exchange:
                 server.write(serialize_response(rh, self.d.via, chunked=False, connection=None))
             return
         self.interim = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.waiting_since = 0.0
         self.response_head = rh
         self.response_started = True
         head = self.head
@@ -516,7 +513,8 @@ class Exchange:
 
     # --- failures ----------------------------------------------------------------------
     def response_timeout(self) -> None:
-        self.timer = None
+        """Called by the per-second sweep (Direction.sweep) when the wait is over."""
+        self.waiting_since = 0.0
         self.d.registry.error(self.d.name, "response_timeout")
         self.discard_upstream()
         self.fail(504, f"upstream timeout: no response from {self.server.dst} within "
@@ -544,18 +542,15 @@ class Exchange:
         if up is not None:
             up.ex = None
             up.close()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.request_done:
+            self.waiting_since = self.d.loop.time()
         tunnel = self.head.method == b"CONNECT" or self.head.upgrade is not None
         self.pending = [serialize_request(self.head, self.d.via, upgrade=tunnel)]
         self.server.pause(_CONNECTING)
         self.d.spawn(self.connect())
 
     def fail(self, status: int, cause: str, kind: str) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.waiting_since = 0.0
         self.finished = True
         self.discard_upstream()
         server = self.server
@@ -575,9 +570,7 @@ class Exchange:
 
     def cancel(self) -> None:
         """The client went away: nothing more will be sent either way."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.waiting_since = 0.0
         if not self.finished:
             self.finished = True
             self.discard_upstream()

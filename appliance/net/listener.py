@@ -82,6 +82,10 @@ class Direction:
         now = self.loop.time()
         conf = self.config.http
         for conn in list(self.http_conns):
+            ex = conn.ex
+            if ex is not None and ex.waiting_since and conf.response_timeout \
+                    and now - ex.waiting_since > conf.response_timeout:
+                ex.response_timeout()
             if conn.parser.in_head:
                 if now - conn.head_started > conf.header_timeout:
                     self.registry.error(self.name, "header_timeout")
@@ -177,5 +181,25 @@ class Accepted(asyncio.Protocol):
 
 
 async def start_listener(d: Direction, host: str, port: int) -> asyncio.AbstractServer:
-    return await d.loop.create_server(lambda: Accepted(d), host, port, reuse_address=True,
-                                      backlog=1024)
+    return await listen(d.loop, lambda: Accepted(d), host, port)
+
+
+def has_ipv6() -> bool:
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            return bool(fh.read().strip())
+    except OSError:
+        return False
+
+
+async def listen(loop: asyncio.AbstractEventLoop, factory: Any, host: str,
+                 port: int) -> asyncio.AbstractServer:
+    """Listen on ``host``; "0.0.0.0" also means "::" when the host has IPv6, so IPv6
+    connections that ip6tables redirects have a listener too."""
+    if host == "0.0.0.0" and port and has_ipv6():
+        try:
+            return await loop.create_server(factory, ["0.0.0.0", "::"], port,
+                                            reuse_address=True, backlog=1024)
+        except OSError as exc:
+            log.warning("IPv6 listener on [::]:%d unavailable (%s); IPv4 only", port, exc)
+    return await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
