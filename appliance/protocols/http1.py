@@ -132,6 +132,8 @@ class _Parser:
     """Shared callback plumbing for request and response parsers."""
 
     _head: Any
+    _parser: Any
+    _malformed = "malformed request: "
 
     def __init__(self, handler: Handler, max_header_bytes: int) -> None:
         self.handler = handler
@@ -160,6 +162,27 @@ class _Parser:
 
     def on_body(self, body: bytes) -> None:
         self.handler.on_body(body)
+
+    # the one place where httptools errors enter: mapped to HttpError ----------------
+    def _execute(self, data: bytes) -> int | None:
+        """Run llhttp over ``data``; the tunnel offset after an upgrade, else None."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            return int(exc.args[0])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _TunnelStart):
+                raise cause from None
+            if isinstance(cause, HttpError):
+                raise self._error(cause.status, cause.reason) from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise self._error(400, self._malformed + _describe(exc)) from None
+        return None
+
+    def _error(self, status: int, reason: str) -> HttpError:
+        return HttpError(status, reason)
 
     def on_message_complete(self) -> None:
         trailers, self._trailers = self._trailers, None
@@ -194,17 +217,9 @@ class RequestParser(_Parser):
     def feed(self, data: bytes) -> int | None:
         """Parse ``data``; returns the offset where tunnel bytes start after an upgrade or
         CONNECT request, else None. Raises :class:`HttpError` on bad input."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            return int(exc.args[0])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, HttpError):
-                raise cause from None
-            raise
-        except httptools.HttpParserError as exc:
-            raise HttpError(400, _describe(exc)) from None
+        offset = self._execute(data)
+        if offset is not None:
+            return offset
         if self._in_head:
             # httptools holds a partial header line itself: bound what it may hold.
             self._raw_head_bytes += len(data)
@@ -252,6 +267,8 @@ class ResponseParser(_Parser):
     body whatever their Content-Length says) end at the head.
     """
 
+    _malformed = ""
+
     def __init__(self, handler: Handler, *, max_header_bytes: int = 65536) -> None:
         super().__init__(handler, max_header_bytes)
         self._parser = httptools.HttpResponseParser(self)
@@ -278,22 +295,13 @@ class ResponseParser(_Parser):
         if connect is not None:
             connect += data
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            return int(exc.args[0])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _TunnelStart):
-                end = connect.find(b"\r\n\r\n") + 4 if connect is not None else 0
-                return max(0, end - (len(connect or b"") - len(data)))
-            if isinstance(cause, HttpError):
-                raise HttpError(502, "upstream sent an invalid response: " + cause.reason) \
-                    from None
-            raise
-        except httptools.HttpParserError as exc:
-            raise HttpError(502, "upstream sent an invalid response: " + _describe(exc)) \
-                from None
-        return None
+            return self._execute(data)
+        except _TunnelStart:
+            end = connect.find(b"\r\n\r\n") + 4 if connect is not None else 0
+            return max(0, end - (len(connect or b"") - len(data)))
+
+    def _error(self, status: int, reason: str) -> HttpError:
+        return HttpError(502, "upstream sent an invalid response: " + reason)
 
     def on_message_begin(self) -> None:
         if self._stale:
@@ -342,7 +350,7 @@ class _TunnelStart(Exception):
 
 def _describe(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
-    return "malformed request: " + text.replace("\r", " ").replace("\n", " ")
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 # --- serialization -------------------------------------------------------------------
