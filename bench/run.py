@@ -216,8 +216,7 @@ class Bench:
         proxy = ep.proxy
         assert self.backend is not None
         if proxy is not None and not proxy.alive():
-            code = proxy.proc and proxy.proc.poll()
-            ep.error = f"{proxy.name} died (exit {code}):\n{proxy.log_tail()}"
+            ep.error = _death(proxy)
             print(f"*** {ep.error}", file=sys.stderr)
             return None
         p0 = measure.cpu_seconds(proxy.pid) if proxy else 0.0
@@ -237,7 +236,7 @@ class Bench:
         n = max(res.requests, 1)
         problems = res.problems()
         if proxy is not None and not proxy.alive():
-            problems.append(f"{proxy.name} exited during the run")
+            problems.append(_death(proxy))
         return Sample(
             group=ep.group, path=path, variant=ep.variant, round=rnd, rps=res.rps,
             requests=res.requests, p50_ms=res.p50_ms, p99_ms=res.p99_ms,
@@ -269,6 +268,19 @@ class Bench:
                 _progress(done, total, sample)
                 time.sleep(0.5)  # let closed connections drain between runs
         return samples
+
+
+def _death(proxy: Service) -> str:
+    """Why a proxy is gone, in one line, with its log's last lines after it."""
+    code = proxy.proc.poll() if proxy.proc else None
+    why = f"{proxy.name} (pid {proxy.pid}) exited with status {code} while under test"
+    if code == 0:
+        why += (" (a clean exit: appliance does that on SIGTERM/SIGINT, and the harness sent"
+                " none; look for another process's pkill/killall)")
+    elif code is not None and code < 0:
+        why += f" (killed by signal {-code})"
+    tail = proxy.log_tail(10)
+    return why + (f"\n  log:\n{tail}" if tail else "")
 
 
 def _self_cpu() -> float:
