@@ -77,14 +77,16 @@ def peak_rss_kib(pid: int) -> int:
 
 
 def system_cpu() -> tuple[float, float]:
-    """(user+nice+system, steal) seconds summed over all CPUs, from /proc/stat.
+    """(busy, steal) seconds summed over all CPUs, from /proc/stat.
 
-    irq and softirq time is left out: loopback traffic is mostly softirq work that the
-    kernel does not charge to any process, so it would look like someone else's load.
+    busy counts irq and softirq time: the kernel also charges a tick spent in softirq to
+    the stime of the task it interrupted, and loopback traffic is mostly softirq work done
+    in the sending process's context. Leaving it out would make our own processes look
+    bigger than the machine's total and hide other load.
     """
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system) / CLK_TCK, steal / CLK_TCK
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
 
 
 def children_cpu() -> float:

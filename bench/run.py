@@ -71,6 +71,7 @@ class Sample:
     backend_cpu_us_per_req: float
     proxy_peak_rss_mib: float | None
     other_load_cores: float = 0.0  # CPU used by processes that are not part of this run
+    noisy_attempts: int = 0  # earlier attempts discarded because other load was too high
     steal_cores: float = 0.0  # hypervisor steal during the run
     problems: list[str] = field(default_factory=list)
     wrk: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for other processes' load to drop below "
                         f"{NOISY_CORES} cores before starting (0: just warn)")
+    p.add_argument("--retry-noisy", type=int, default=2, metavar="N",
+                   help="rerun a measurement up to N times while other processes' load during "
+                        "it exceeded the noise threshold (2)")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs (printed path)")
     args = p.parse_args(argv)
     args.appliance = str(Path(args.appliance).resolve())
@@ -262,6 +266,14 @@ class Bench:
             for group, path, variant in per_round:
                 done += 1
                 sample = self.one_run(self.endpoints[(group, variant)], path, rnd)
+                for attempt in range(1, self.args.retry_noisy + 1):
+                    if sample is None or sample.other_load_cores <= NOISY_CORES:
+                        break
+                    _progress(done, total, sample, note="  -> noisy, retrying")
+                    wait_quiet(self.args.wait_quiet)
+                    sample = self.one_run(self.endpoints[(group, variant)], path, rnd)
+                    if sample is not None:
+                        sample.noisy_attempts = attempt
                 if sample is None:
                     continue
                 samples.append(sample)
@@ -289,13 +301,14 @@ def _self_cpu() -> float:
     return t.user + t.system
 
 
-def _progress(done: int, total: int, s: Sample) -> None:
+def _progress(done: int, total: int, s: Sample, note: str = "") -> None:
     cpu = " " * 13
     if s.proxy_cpu_us_per_req is not None:
         cpu = f"{s.proxy_cpu_us_per_req:6.1f} us/req"
     flag = f"  !! {'; '.join(s.problems)}" if s.problems else ""
     if s.other_load_cores > NOISY_CORES:
         flag += f"  (noisy: other processes used {s.other_load_cores:.2f} cores)"
+    flag += note
     print(f"[{done:>3}/{total}] round {s.round} {s.group:<4} {s.path:<6} {s.variant:<9} "
           f"{s.rps:>9.0f} rps  p99 {s.p99_ms:7.2f} ms  {cpu}{flag}", flush=True)
 
