@@ -273,3 +273,15 @@ def test_ipv6_client_and_upstream(tmp_path: Any) -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+def test_inbound_forward_to_loopback(backend: H11Server) -> None:
+    """With inbound.forward_to_loopback, the inbound listener dials 127.0.0.1:<orig port>
+    whatever address the connection was for (apps that listen on loopback only)."""
+    with proxy(f"inbound.orig_dst_override=198.18.0.99:{backend.port}",
+               "inbound.forward_to_loopback=true") as p:
+        r = curl("-i", f"http://127.0.0.1:{p.inbound}/in")
+        assert r.stdout.endswith(b"GET /in\n"), r.stdout
+        assert b"-in (appliance)" in r.stdout
+        assert p.metric("request_total", direction="inbound") == 1
+        assert p.metric("request_total", direction="outbound") == 0

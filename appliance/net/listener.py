@@ -102,7 +102,8 @@ class Accepted(asyncio.Protocol):
         self.d = d
         self.transport: Any = None
         self.dst: OrigDst | None = None
-        self.refused: str | None = None
+        self.refused: str | None = None  # why this connection may not be forwarded
+        self.refused_kind = ""  # its metric label
         self.buf = b""
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
@@ -118,8 +119,10 @@ class Accepted(asyncio.Protocol):
                 dst = d.override
             elif dst is None:
                 self.refused = "no original destination (connection was not redirected)"
+                self.refused_kind = "no_orig_dst"
             else:
                 self.refused = f"original destination {dst} is this proxy (loop)"
+                self.refused_kind = "loop"
         self.dst = dst
         if self.refused is None and dst is not None \
                 and dst.port in d.config.detect.opaque_ports:
@@ -168,8 +171,7 @@ class Accepted(asyncio.Protocol):
 
     def refuse(self, protocol: Protocol) -> None:
         d = self.d
-        d.registry.error(d.name, "no_orig_dst" if "not redirected" in (self.refused or "")
-                         else "loop")
+        d.registry.error(d.name, self.refused_kind)
         if protocol is Protocol.HTTP1:
             d.http.requests += 1
             d.http.response(502, 0.0, "proxy")
