@@ -52,15 +52,21 @@ def process_tree(pid: int, limit: int = 256) -> list[int]:
     return seen
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime (all threads) of pid and its live descendants, in seconds."""
-    ticks = 0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of pid and its live descendants, all threads, in seconds."""
+    user = system = 0
     for p in process_tree(pid):
         fields = _stat_fields(p)
         if fields:
             # After "pid (comm) ", field 3 (state) is index 0; utime=14, stime=15 -> 11, 12.
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime (all threads) of pid and its live descendants, in seconds."""
+    return sum(cpu_split(pid))
 
 
 def peak_rss_kib(pid: int) -> int:

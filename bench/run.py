@@ -68,6 +68,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     proxy_cpu_us_per_req: float | None
+    proxy_sys_us_per_req: float | None  # the kernel's share of proxy_cpu_us_per_req
     backend_cpu_us_per_req: float
     proxy_peak_rss_mib: float | None
     other_load_cores: float = 0.0  # CPU used by processes that are not part of this run
@@ -223,7 +224,8 @@ class Bench:
             ep.error = _death(proxy)
             print(f"*** {ep.error}", file=sys.stderr)
             return None
-        p0 = measure.cpu_seconds(proxy.pid) if proxy else 0.0
+        p0, sys0 = measure.cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+        p0 += sys0
         b0 = measure.cpu_seconds(self.backend.pid)
         (s0, st0), w0, me0 = measure.system_cpu(), measure.children_cpu(), _self_cpu()
         t0 = time.monotonic()
@@ -232,7 +234,8 @@ class Bench:
                                   self.args.connections, LOAD_CORE)
         except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
             return self._failed_sample(ep, path, rnd, f"wrk: {exc}")
-        p1 = measure.cpu_seconds(proxy.pid) if proxy else 0.0
+        p1, sys1 = measure.cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+        p1 += sys1
         b1 = measure.cpu_seconds(self.backend.pid)
         (s1, st1), w1, me1 = measure.system_cpu(), measure.children_cpu(), _self_cpu()
         wall = max(time.monotonic() - t0, 1e-3)
@@ -245,6 +248,7 @@ class Bench:
             group=ep.group, path=path, variant=ep.variant, round=rnd, rps=res.rps,
             requests=res.requests, p50_ms=res.p50_ms, p99_ms=res.p99_ms,
             proxy_cpu_us_per_req=(p1 - p0) * 1e6 / n if proxy else None,
+            proxy_sys_us_per_req=(sys1 - sys0) * 1e6 / n if proxy else None,
             backend_cpu_us_per_req=(b1 - b0) * 1e6 / n,
             proxy_peak_rss_mib=measure.peak_rss_kib(proxy.pid) / 1024 if proxy else None,
             other_load_cores=max(0.0, (s1 - s0) - ours) / wall, steal_cores=(st1 - st0) / wall,
@@ -254,7 +258,7 @@ class Bench:
     @staticmethod
     def _failed_sample(ep: Endpoint, path: str, rnd: int, why: str) -> Sample:
         nan = float("nan")
-        return Sample(ep.group, path, ep.variant, rnd, 0.0, 0, nan, nan, None, nan, None,
+        return Sample(ep.group, path, ep.variant, rnd, 0.0, 0, nan, nan, None, None, nan, None,
                       problems=[why])
 
     def run_rounds(self, cases: list[tuple[str, str]]) -> list[Sample]:
@@ -339,6 +343,7 @@ def summarise(samples: list[Sample], endpoints: dict[tuple[str, str], Endpoint],
                 "p50_ms": _median([s.p50_ms for s in mine]),
                 "p99_ms": _median([s.p99_ms for s in mine]),
                 "proxy_cpu_us_per_req": _median([s.proxy_cpu_us_per_req for s in mine]),
+                "proxy_sys_us_per_req": _median([s.proxy_sys_us_per_req for s in mine]),
                 "backend_cpu_us_per_req": _median([s.backend_cpu_us_per_req for s in mine]),
                 "proxy_peak_rss_mib": max((s.proxy_peak_rss_mib or 0 for s in mine), default=None)
                 if variant != "direct" else None,
@@ -409,13 +414,14 @@ def _f(v: float | None, fmt: str) -> str:
 
 def print_report(summary: dict[str, Any], checks: list[dict[str, Any]]) -> None:
     head = (f"{'case':<12} {'variant':<10} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'CPU us/req':>10} {'nginx us/req':>12} {'RSS MiB':>8}  status")
+            f"{'CPU us/req':>10} {'(kernel)':>8} {'nginx us/req':>12} {'RSS MiB':>8}  status")
     print("\n" + head + "\n" + "-" * len(head))
     for r in summary["rows"]:
         status = "ok" if r["ok"] else "FAIL: " + "; ".join(r["problems"])[:120]
         print(f"{r['group'] + ' ' + r['path']:<12} {r['variant']:<10} {_f(r['rps'], '9.0f'):>9} "
               f"{_f(r['p50_ms'], '.2f'):>8} {_f(r['p99_ms'], '.2f'):>8} "
               f"{_f(r['proxy_cpu_us_per_req'], '.1f'):>10} "
+              f"{_f(r['proxy_sys_us_per_req'], '.1f'):>8} "
               f"{_f(r['backend_cpu_us_per_req'], '.1f'):>12} "
               f"{_f(r['proxy_peak_rss_mib'], '.1f'):>8}  {status}")
     if summary["ratios"]:
