@@ -31,15 +31,13 @@ from appliance.protocols.http1 import (
     HttpError,
     RequestHead,
     RequestParser,
-    ResponseHead,
-    ResponseParser,
     chunk,
     error_response,
     last_chunk,
     response_has_body,
     serialize_request,
-    serialize_response,
 )
+from appliance.protocols.http1_response import ResponseHead, ResponseParser, rewrite_head
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
@@ -306,7 +304,7 @@ class Exchange:
 
     __slots__ = (
         "server", "d", "head", "started", "up", "pending", "pending_len", "request_done",
-        "response_started", "response_head", "chunked_out", "close_delimited",
+        "response_started", "response_head", "close_delimited",
         "keep_client", "waiting_since", "reused", "retried", "body_sent", "tunnel_early",
         "finished", "interim",
     )
@@ -322,7 +320,6 @@ class Exchange:
         self.request_done = False
         self.response_started = False
         self.response_head: ResponseHead | None = None
-        self.chunked_out = False
         self.close_delimited = False
         self.keep_client = True
         self.waiting_since = 0.0  # when the whole request had been sent; 0 once answered
@@ -378,7 +375,9 @@ class Exchange:
     def attach(self, up: Http1Upstream) -> None:
         self.up = up
         up.ex = self
-        up.parser.expect(self.head.method)
+        parser = up.parser
+        parser.handler = self
+        parser.expect(self.head.method, decode=self.head.version == b"1.0")
         pending, self.pending = self.pending, []
         self.pending_len = 0
         server = self.server
@@ -414,14 +413,14 @@ class Exchange:
         if self.response_head is None:
             self.waiting_since = self.d.loop.time()
 
-    # --- response side -----------------------------------------------------------------
-    def response_head_received(self, rh: ResponseHead) -> None:
+    # --- response side: events from the upstream's ResponseParser ----------------------
+    def on_head(self, rh: ResponseHead) -> None:
         status = rh.status
         server = self.server
-        if 100 <= status < 200 and status != 101:
+        if status < 200 and status != 101:
             self.interim = True
             if self.head.version == b"1.1":
-                server.write(serialize_response(rh, self.d.via, chunked=False, connection=None))
+                server.write(rewrite_head(rh, self.d.via, connection=None))
             return
         self.interim = False
         self.waiting_since = 0.0
@@ -429,38 +428,35 @@ class Exchange:
         self.response_started = True
         head = self.head
         if self.tunnel_opens(rh):
-            server.write(serialize_response(rh, self.d.via, chunked=False, connection=None))
+            server.write(rewrite_head(rh, self.d.via, connection=None,
+                                      keep_upgrade=status == 101))
             return
         keep = head.keep_alive and not server.wants_close
         if head.method == b"CONNECT" or head.upgrade is not None:
             keep = False  # a refused tunnel: the bytes after the request are not HTTP
-        if response_has_body(status, head.method) and rh.content_length is None:
-            if rh.chunked:
-                self.chunked_out = True
-            else:  # the upstream delimits the body by closing
-                self.close_delimited = True
-                if head.version == b"1.1":
-                    self.chunked_out = True
-                else:
-                    keep = False
+        if response_has_body(status, head.method):
+            if rh.delimited_by_close:
+                self.close_delimited = True  # the body ends when the upstream closes
+                keep = False
+            elif rh.decoded and rh.chunked:
+                keep = False  # de-chunked for an HTTP/1.0 client: delimited by our close
         self.keep_client = keep
         connection: bytes | None
         if head.version == b"1.0":
             connection = b"keep-alive" if keep else b"close"
         else:
             connection = None if keep else b"close"
-        server.write(serialize_response(rh, self.d.via, chunked=self.chunked_out,
-                                        connection=connection))
+        server.write(rewrite_head(rh, self.d.via, connection=connection))
 
     def tunnel_opens(self, rh: ResponseHead) -> bool:
         if self.head.method == b"CONNECT":
             return 200 <= rh.status < 300
         return rh.status == 101 and self.head.upgrade is not None
 
-    def response_body(self, data: bytes) -> None:
-        self.server.write(chunk(data) if self.chunked_out else data)
+    def on_body(self, data: bytes) -> None:
+        self.server.write(data)
 
-    def response_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+    def on_end(self) -> None:
         if self.interim:
             self.interim = False
             return
@@ -468,8 +464,6 @@ class Exchange:
         assert rh is not None
         if self.tunnel_opens(rh):
             return  # the tunnel takes over in upgraded()
-        if self.chunked_out:
-            self.server.write(last_chunk(trailers))
         self.finished = True
         self.d.http.response(rh.status, self.d.loop.time() - self.started)
         self.release()
@@ -486,7 +480,7 @@ class Exchange:
             and not self.close_delimited and up is not None
         )
         if up is not None:
-            up.ex = None
+            up.detach()
             if reusable:
                 if self.server.write_paused and up.transport is not None:
                     up.transport.resume_reading()
@@ -505,7 +499,7 @@ class Exchange:
             return
         self.finished = True
         self.d.http.response(rh.status, self.d.loop.time() - self.started)
-        up.ex = None
+        up.detach()
         up.detach_for_tunnel()
         server.detach_for_tunnel()
         relay = Relay(self.d, server.transport, self.server.dst, "tunnel", b"")
@@ -525,7 +519,7 @@ class Exchange:
         if self.finished:
             return
         if self.close_delimited and clean_close:
-            self.response_end(None)  # the close is the end of this body
+            self.on_end()  # the close is the end of this body
             return
         if (self.reused and not self.retried and not self.response_started
                 and not self.body_sent and not self.head.has_body):
@@ -540,7 +534,7 @@ class Exchange:
         self.reused = False
         up, self.up = self.up, None
         if up is not None:
-            up.ex = None
+            up.detach()
             up.close()
         if self.request_done:
             self.waiting_since = self.d.loop.time()
@@ -565,7 +559,7 @@ class Exchange:
     def discard_upstream(self) -> None:
         up, self.up = self.up, None
         if up is not None:
-            up.ex = None
+            up.detach()
             up.abort()
 
     def cancel(self) -> None:
@@ -620,7 +614,10 @@ class Http1Upstream(asyncio.Protocol):
             offset = self.parser.feed(data)
         except HttpError as exc:
             server.flush()
-            ex.upstream_failed(exc.reason)
+            if self.ex is not None:
+                self.ex.upstream_failed(exc.reason)
+            else:
+                self.abort()
             return
         finally:
             if server.out is not None:
@@ -628,17 +625,21 @@ class Http1Upstream(asyncio.Protocol):
         if offset is not None and self.ex is not None:
             self.ex.upgraded(data[offset:])
 
+    # The parser's handler is the exchange while one is attached; between exchanges it is
+    # this connection, and a response with no request is a broken upstream.
     def on_head(self, head: ResponseHead) -> None:
-        if self.ex is not None:
-            self.ex.response_head_received(head)
+        raise HttpError(502, "response without a request")
 
     def on_body(self, data: bytes) -> None:
-        if self.ex is not None:
-            self.ex.response_body(data)
+        raise HttpError(502, "response without a request")
 
-    def on_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
-        if self.ex is not None:
-            self.ex.response_end(trailers)
+    def on_end(self) -> None:
+        raise HttpError(502, "response without a request")
+
+    def detach(self) -> None:
+        """The exchange is over: this connection no longer belongs to it."""
+        self.ex = None
+        self.parser.handler = self
 
     def pause_writing(self) -> None:
         if self.ex is not None:

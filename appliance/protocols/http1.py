@@ -1,13 +1,13 @@
-"""HTTP/1.1 message framing on httptools (llhttp), without I/O.
+"""HTTP/1.1 requests on httptools (llhttp), without I/O; shared HTTP/1 pieces.
 
-Theory of operation: the proxy never buffers a whole message. A parser takes bytes and calls
-a handler as parts of messages complete: ``on_head(head)``, ``on_body(bytes)`` and
-``on_end(trailers)``. Heads are rewritten for the next hop (:func:`serialize_request`,
-:func:`serialize_response`): hop-by-hop headers are dropped, ``Via`` is added, and framing is
-chosen by the proxy (``Content-Length`` kept, chunked re-chunked as it streams through, or
-close-delimited). llhttp rejects request-smuggling shapes (Content-Length with
-Transfer-Encoding, duplicate lengths, bad chunk sizes); every rejection becomes a
-:class:`HttpError` carrying the status code to answer with.
+Theory of operation: the proxy never buffers a whole message. The request parser takes
+bytes and calls a handler as parts of requests complete: ``on_head(head)``,
+``on_body(bytes)`` and ``on_end(trailers)``. Heads are rewritten for the next hop
+(:func:`serialize_request`): hop-by-hop headers are dropped, ``Via`` is added, and a chunked
+body is re-chunked as it streams through. Responses are parsed by
+:mod:`appliance.protocols.http1_response`. llhttp rejects request-smuggling shapes
+(Content-Length with Transfer-Encoding, duplicate lengths, bad chunk sizes); every rejection
+becomes a :class:`HttpError` carrying the status code to answer with.
 
 Limits (head size, target length) are enforced here, while bytes arrive, so an oversized head
 is refused before it is held in memory.
@@ -51,7 +51,7 @@ class Handler(Protocol):
 
 
 class Head:
-    """What both requests and responses carry. Header names keep their case."""
+    """What a message head carries. Header names keep their case."""
 
     __slots__ = (
         "version", "headers", "keep_alive", "chunked", "content_length", "connection_tokens",
@@ -94,18 +94,6 @@ class RequestHead(Head):
         return self.chunked or bool(self.content_length)
 
 
-class ResponseHead(Head):
-    __slots__ = ("status", "reason")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.status = 0
-        self.reason = b""
-
-    def __repr__(self) -> str:
-        return f"<ResponseHead {self.status} HTTP/{self.version.decode()}>"
-
-
 def _note_header(head: Head, lname: bytes, value: bytes) -> bool:
     """Record what a special header says; True if it is hop-by-hop (not forwarded)."""
     if lname == b"content-length":
@@ -128,22 +116,72 @@ def _note_header(head: Head, lname: bytes, value: bytes) -> bool:
     return lname in HOP_BY_HOP
 
 
-class _Parser:
-    """Shared callback plumbing for request and response parsers."""
+_SPECIAL = frozenset({
+    b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+    b"proxy-connection", b"te", b"upgrade", b"via",
+})
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
-    _head: Any
-    _parser: Any
-    _malformed = "malformed request: "
 
-    def __init__(self, handler: Handler, max_header_bytes: int) -> None:
+class RequestParser:
+    """Parses a stream of requests from a client (pipelining included)."""
+
+    def __init__(self, handler: Handler, *, max_header_bytes: int = 65536,
+                 max_uri_bytes: int = 8192) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
+        self.max_uri_bytes = max_uri_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._head = RequestHead()
         self._in_head = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # size of the header lines of this head so far
+        self._raw_head_bytes = 0  # bytes read while this head was incomplete
+        self._url: list[bytes] = []
+        self._url_len = 0
         self._trailers: list[tuple[bytes, bytes]] | None = None
-        self.messages = 0
 
-    # httptools callbacks -------------------------------------------------------------
+    @property
+    def in_head(self) -> bool:
+        """True while a request head has started but is not complete."""
+        return self._in_head
+
+    def feed(self, data: bytes) -> int | None:
+        """Parse ``data``; returns the offset where tunnel bytes start after an upgrade or
+        CONNECT request, else None. Raises :class:`HttpError` on bad input.
+
+        This is the one place where httptools errors enter: they leave as HttpError."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            return int(exc.args[0])
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, HttpError):
+                raise exc.__context__ from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise HttpError(400, "malformed request: " + _describe(exc)) from None
+        if self._in_head:
+            # httptools holds a partial header line itself: bound what it may hold.
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > self.max_header_bytes:
+                raise HttpError(431, "request header fields too large")
+        return None
+
+    # --- httptools callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._raw_head_bytes = 0
+        self._head = RequestHead()
+        self._url = []
+        self._url_len = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url_len += len(url)
+        if self._url_len > self.max_uri_bytes:
+            raise HttpError(414, "request target too long")
+        self._url.append(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:  # after the head: chunked trailers
             if self._trailers is None:
@@ -160,192 +198,30 @@ class _Parser:
             self._head.host = value
         self._head.headers.append((name, value))
 
-    def on_body(self, body: bytes) -> None:
-        self.handler.on_body(body)
-
-    # the one place where httptools errors enter: mapped to HttpError ----------------
-    def _execute(self, data: bytes) -> int | None:
-        """Run llhttp over ``data``; the tunnel offset after an upgrade, else None."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            return int(exc.args[0])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _TunnelStart):
-                raise cause from None
-            if isinstance(cause, HttpError):
-                raise self._error(cause.status, cause.reason) from None
-            raise
-        except httptools.HttpParserError as exc:
-            raise self._error(400, self._malformed + _describe(exc)) from None
-        return None
-
-    def _error(self, status: int, reason: str) -> HttpError:
-        return HttpError(status, reason)
-
-    def on_message_complete(self) -> None:
-        trailers, self._trailers = self._trailers, None
-        self.messages += 1
-        self.handler.on_end(trailers)
-
-
-_SPECIAL = frozenset({
-    b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"proxy-connection", b"te", b"upgrade", b"via",
-})
-
-
-class RequestParser(_Parser):
-    """Parses a stream of requests from a client (pipelining included)."""
-
-    def __init__(self, handler: Handler, *, max_header_bytes: int = 65536,
-                 max_uri_bytes: int = 8192) -> None:
-        super().__init__(handler, max_header_bytes)
-        self.max_uri_bytes = max_uri_bytes
-        self._parser = httptools.HttpRequestParser(self)
-        self._head = RequestHead()
-        self._url: list[bytes] = []
-        self._url_len = 0
-        self._raw_head_bytes = 0
-
-    @property
-    def in_head(self) -> bool:
-        """True while a request head has started but is not complete."""
-        return self._in_head
-
-    def feed(self, data: bytes) -> int | None:
-        """Parse ``data``; returns the offset where tunnel bytes start after an upgrade or
-        CONNECT request, else None. Raises :class:`HttpError` on bad input."""
-        offset = self._execute(data)
-        if offset is not None:
-            return offset
-        if self._in_head:
-            # httptools holds a partial header line itself: bound what it may hold.
-            self._raw_head_bytes += len(data)
-            if self._raw_head_bytes > self.max_header_bytes:
-                raise HttpError(431, "request header fields too large")
-        return None
-
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_bytes = 0
-        self._raw_head_bytes = 0
-        self._head = RequestHead()
-        self._url = []
-        self._url_len = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._url_len += len(url)
-        if self._url_len > self.max_uri_bytes:
-            raise HttpError(414, "request target too long")
-        self._url.append(url)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         head = self._head
         p = self._parser
         head.method = p.get_method()
         head.target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
-        head.version = p.get_http_version().encode()
+        head.version = _VERSIONS.get(p.get_http_version(), b"1.1")
         head.keep_alive = p.should_keep_alive()
-        head.expect_continue = any(
-            n.lower() == b"expect" and v.strip().lower() == b"100-continue"
-            for n, v in head.headers
-        ) if head.version == b"1.1" and head.has_body else False
+        if head.version == b"1.1" and head.has_body:
+            head.expect_continue = any(
+                n.lower() == b"expect" and v.strip().lower() == b"100-continue"
+                for n, v in head.headers)
         if head.method == b"CONNECT":
             head.upgrade = None
         elif head.upgrade is not None and b"upgrade" not in head.connection_tokens:
             head.upgrade = None  # Upgrade only counts when Connection names it
         self.handler.on_head(head)
 
-
-class ResponseParser(_Parser):
-    """Parses responses from an upstream, one per request sent.
-
-    Call :meth:`expect` before each request is sent, so responses to HEAD (which carry no
-    body whatever their Content-Length says) end at the head.
-    """
-
-    _malformed = ""
-
-    def __init__(self, handler: Handler, *, max_header_bytes: int = 65536) -> None:
-        super().__init__(handler, max_header_bytes)
-        self._parser = httptools.HttpResponseParser(self)
-        self._head = ResponseHead()
-        self._head_only = False
-        self._stale = False
-        self._connect: bytearray | None = None
-        self._tunnel = False
-
-    def expect(self, method: bytes) -> None:
-        """Tell the parser which request the next response answers."""
-        self._head_only = method == b"HEAD"
-        # llhttp cannot know a 2xx answers CONNECT (after which the bytes are a tunnel),
-        # so for CONNECT the raw bytes are kept to find where the head ends.
-        self._connect = bytearray() if method == b"CONNECT" else None
-        if self._stale:  # the previous response ended early (HEAD): start a fresh parser
-            self._parser = httptools.HttpResponseParser(self)
-            self._stale = False
-
-    def feed(self, data: bytes) -> int | None:
-        if self._tunnel:
-            return 0
-        connect = self._connect
-        if connect is not None:
-            connect += data
-        try:
-            return self._execute(data)
-        except _TunnelStart:
-            end = connect.find(b"\r\n\r\n") + 4 if connect is not None else 0
-            return max(0, end - (len(connect or b"") - len(data)))
-
-    def _error(self, status: int, reason: str) -> HttpError:
-        return HttpError(502, "upstream sent an invalid response: " + reason)
-
-    def on_message_begin(self) -> None:
-        if self._stale:
-            raise HttpError(502, "upstream sent bytes after a HEAD response")
-        self._in_head = True
-        self._head_bytes = 0
-        self._head = ResponseHead()
-
-    def on_status(self, reason: bytes) -> None:
-        self._head.reason += reason
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        head = self._head
-        p = self._parser
-        head.status = p.get_status_code()
-        head.version = p.get_http_version().encode()
-        head.keep_alive = p.should_keep_alive()
-        if head.status != 101:
-            head.upgrade = None
-        self.handler.on_head(head)
-        if self._connect is not None and 200 <= head.status < 300:
-            self._tunnel = True
-            raise _TunnelStart()  # stop llhttp here; feed() returns where the tunnel starts
-        if self._head_only and head.status >= 200:
-            # llhttp cannot be told a response answers HEAD: end the message here and parse
-            # the next response with a fresh parser.
-            self._stale = True
-            self.messages += 1
-            self.handler.on_end(None)
-
     def on_body(self, body: bytes) -> None:
-        if self._stale:
-            raise HttpError(502, "upstream sent a body in response to HEAD")
         self.handler.on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._stale:
-            return
-        super().on_message_complete()
-
-
-class _TunnelStart(Exception):
-    """Raised inside a callback to stop parsing where a CONNECT tunnel begins."""
+        trailers, self._trailers = self._trailers, None
+        self.handler.on_end(trailers)
 
 
 def _describe(exc: Exception) -> str:
@@ -370,22 +246,6 @@ def serialize_request(head: RequestHead, via: bytes, *, upgrade: bool = False) -
         parts.append(b"transfer-encoding: chunked\r\n")
     if upgrade and head.upgrade is not None:
         parts.append(b"connection: upgrade\r\nupgrade: " + head.upgrade + b"\r\n")
-    parts.append(b"via: " + via + b"\r\n\r\n")
-    return b"".join(parts)
-
-
-def serialize_response(head: ResponseHead, via: bytes, *, chunked: bool,
-                       connection: bytes | None) -> bytes:
-    """A response head for the client; ``connection`` is b"close", b"keep-alive" or None."""
-    reason = head.reason or STATUS_REASONS.get(head.status, b"")
-    parts = [b"HTTP/1.1 ", str(head.status).encode(), b" ", reason, b"\r\n"]
-    parts += _header_block(head.end_to_end())
-    if chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    if head.status == 101 and head.upgrade is not None:
-        parts.append(b"connection: upgrade\r\nupgrade: " + head.upgrade + b"\r\n")
-    elif connection is not None:
-        parts.append(b"connection: " + connection + b"\r\n")
     parts.append(b"via: " + via + b"\r\n\r\n")
     return b"".join(parts)
 
