@@ -154,7 +154,8 @@ def test_connect_and_upgrade_tunnel_offsets() -> None:
     assert offset is not None and data[offset:] == b"TUNNEL"
     parser = ResponseParser(Recorder())
     parser.expect(b"GET")
-    data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nWS"
+    data = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: upgrade\r\n\r\nWS")
     offset = parser.feed(data)
     assert offset is not None and data[offset:] == b"WS"
 

@@ -18,6 +18,7 @@ deliver the de-chunked body instead, and the client connection is closed at the 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import httptools
@@ -28,7 +29,8 @@ _IDLE, _HEAD, _INTERIM, _BODY, _DONE, _TUNNEL = range(6)
 
 # Headers that belong to one connection (RFC 9110 7.6.1). Transfer-Encoding is kept when
 # the body is passed on raw (the framing is unchanged); Upgrade is kept on a 101.
-_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+_HOP_LINE = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|te|upgrade):([^\r]*)")
+_CONNECTION_PLAIN = frozenset({b"keep-alive", b"close", b"upgrade"})
 
 
 class Handler(Protocol):
@@ -46,9 +48,10 @@ class ResponseHead:
         self.status = status
         self.keep_alive = keep_alive
         self.raw = raw
-        self.low = raw.lower()
-        self.length = b"\r\ncontent-length:" in self.low
-        self.chunked = b"chunked" in b"".join(header_values(self.low, b"transfer-encoding"))
+        self.low = low = raw.lower()
+        self.length = b"\r\ncontent-length:" in low
+        self.chunked = b"\r\ntransfer-encoding:" in low and b"chunked" in b"".join(
+            header_values(low, b"transfer-encoding"))
         self.decoded = False  # the body events carry de-chunked bytes
 
     def __repr__(self) -> str:
@@ -77,15 +80,20 @@ def rewrite_head(head: ResponseHead, via: bytes, *, connection: bytes | None,
     """The head for the client: hop-by-hop lines (and those named by Connection) removed,
     ``Via`` and the proxy's own ``Connection`` added; everything else byte for byte."""
     raw, low = head.raw, head.low
-    names = set(_HOP)
-    for value in header_values(low, b"connection"):
-        names.update(t.strip() for t in value.split(b",") if t.strip())
-    if keep_upgrade:
-        names.discard(b"upgrade")
-    if head.decoded:
-        names.add(b"transfer-encoding")
     cuts = []
-    for name in names:
+    named: set[bytes] = set()
+    for m in _HOP_LINE.finditer(low):
+        name = m.group(1)
+        if name == b"upgrade" and keep_upgrade:
+            continue
+        cuts.append((m.start(), m.end()))
+        if name == b"connection":
+            named.update(t.strip() for t in m.group(2).split(b","))
+    named -= _CONNECTION_PLAIN
+    named.discard(b"")
+    if head.decoded:
+        named.add(b"transfer-encoding")
+    for name in named:  # rare: headers the upstream declared hop-by-hop
         needle = b"\r\n" + name + b":"
         pos = low.find(needle)
         while pos >= 0:
@@ -100,12 +108,11 @@ def rewrite_head(head: ResponseHead, via: bytes, *, connection: bytes | None,
             last = end
         parts.append(raw[last:])
         raw = b"".join(parts)
-    extra = b"\r\nvia: " + via
     if keep_upgrade:
-        extra += b"\r\nconnection: upgrade"
-    elif connection is not None:
-        extra += b"\r\nconnection: " + connection
-    return raw[:-4] + extra + b"\r\n\r\n"
+        return raw[:-4] + b"\r\nvia: " + via + b"\r\nconnection: upgrade\r\n\r\n"
+    if connection is not None:
+        return raw[:-4] + b"\r\nvia: " + via + b"\r\nconnection: " + connection + b"\r\n\r\n"
+    return raw[:-4] + b"\r\nvia: " + via + b"\r\n\r\n"
 
 
 class _Decoding:
