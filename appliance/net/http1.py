@@ -3,9 +3,9 @@
 Theory of operation: :class:`Http1Server` parses requests from the client; each request
 becomes an :class:`Exchange`, which takes an idle upstream connection from the pool (or dials
 one), sends the rewritten head and streams the body as it arrives. The upstream's
-:class:`Http1Upstream` parses the response and the exchange streams it back, choosing the
-client-side framing (Content-Length kept, chunked re-chunked, close-delimited re-chunked for
-HTTP/1.1 clients). Responses go out in request order: a pipelined request waits, queued and
+:class:`Http1Upstream`'s parser hands the exchange the response head (rewritten for the
+client) and the body bytes as received; a body delimited by the upstream's close is passed
+on with ``Connection: close``. Responses go out in request order: a pipelined request waits, queued and
 with the client paused, until the exchange before it is done.
 
 Backpressure runs both ways: a full client write buffer pauses reading the upstream, a full
