@@ -3,9 +3,9 @@
 Theory of operation: :class:`Http1Server` parses requests from the client; each request
 becomes an :class:`Exchange`, which takes an idle upstream connection from the pool (or dials
 one), sends the rewritten head and streams the body as it arrives. The upstream's
-:class:`Http1Upstream`'s parser hands the exchange the response head (rewritten for the
-client) and the body bytes as received; a body delimited by the upstream's close is passed
-on with ``Connection: close``. Responses go out in request order: a pipelined request waits, queued and
+:class:`Http1Upstream`'s parser hands the exchange the response head (rewritten for
+the client) and the body bytes as received; a body delimited by the upstream's close is
+passed on with ``Connection: close``. Responses go out in request order: a pipelined request waits, queued and
 with the client paused, until the exchange before it is done.
 
 Backpressure runs both ways: a full client write buffer pauses reading the upstream, a full
@@ -687,15 +687,10 @@ class Pool:
 
     def take(self, key: OrigDst) -> Http1Upstream | None:
         conns = self.idle.get(key)
-        if not conns:
-            return None
-        deadline = self.d.loop.time() - self.d.config.http.pool_idle_timeout
-        while conns:
+        while conns:  # expired ones are closed by sweep(), once a second
             up = conns.pop()
             if up.transport is not None and not up.transport.is_closing():
-                if up.idle_since >= deadline:
-                    return up
-            up.close()
+                return up
         return None
 
     def put(self, up: Http1Upstream) -> None:

@@ -50,15 +50,18 @@ class Handler(Protocol):
     def on_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None: ...
 
 
-class Head:
-    """What a message head carries. Header names keep their case."""
+class RequestHead:
+    """A request head as parsed. Header names keep their case; hop-by-hop headers are noted
+    in the fields below, not kept in ``headers``."""
 
     __slots__ = (
-        "version", "headers", "keep_alive", "chunked", "content_length", "connection_tokens",
-        "upgrade", "via",
+        "method", "target", "version", "headers", "keep_alive", "chunked", "content_length",
+        "connection_tokens", "upgrade", "via", "expect_continue", "host",
     )
 
     def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
         self.version = b"1.1"
         self.headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = True
@@ -67,22 +70,6 @@ class Head:
         self.connection_tokens: list[bytes] = []
         self.upgrade: bytes | None = None
         self.via: list[bytes] = []
-
-    def end_to_end(self) -> list[tuple[bytes, bytes]]:
-        """Headers minus hop-by-hop ones (and any named by Connection), in order."""
-        drop = self.connection_tokens
-        if not drop:
-            return self.headers
-        return [(n, v) for n, v in self.headers if n.lower() not in drop]
-
-
-class RequestHead(Head):
-    __slots__ = ("method", "target", "expect_continue", "host")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.method = b""
-        self.target = b""
         self.expect_continue = False
         self.host: bytes | None = None
 
@@ -93,8 +80,15 @@ class RequestHead(Head):
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
+    def end_to_end(self) -> list[tuple[bytes, bytes]]:
+        """Headers minus any named by Connection, in order."""
+        drop = self.connection_tokens
+        if not drop:
+            return self.headers
+        return [(n, v) for n, v in self.headers if n.lower() not in drop]
 
-def _note_header(head: Head, lname: bytes, value: bytes) -> bool:
+
+def _note_header(head: RequestHead, lname: bytes, value: bytes) -> bool:
     """Record what a special header says; True if it is hop-by-hop (not forwarded)."""
     if lname == b"content-length":
         head.content_length = int(value)  # llhttp has validated it
@@ -133,17 +127,12 @@ class RequestParser:
         self.max_uri_bytes = max_uri_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._head = RequestHead()
-        self._in_head = False
+        self.in_head = False  # a request head has started and is not complete
         self._head_bytes = 0  # size of the header lines of this head so far
         self._raw_head_bytes = 0  # bytes read while this head was incomplete
         self._url: list[bytes] = []
         self._url_len = 0
         self._trailers: list[tuple[bytes, bytes]] | None = None
-
-    @property
-    def in_head(self) -> bool:
-        """True while a request head has started but is not complete."""
-        return self._in_head
 
     def feed(self, data: bytes) -> int | None:
         """Parse ``data``; returns the offset where tunnel bytes start after an upgrade or
@@ -160,7 +149,7 @@ class RequestParser:
             raise
         except httptools.HttpParserError as exc:
             raise HttpError(400, "malformed request: " + _describe(exc)) from None
-        if self._in_head:
+        if self.in_head:
             # httptools holds a partial header line itself: bound what it may hold.
             self._raw_head_bytes += len(data)
             if self._raw_head_bytes > self.max_header_bytes:
@@ -169,7 +158,7 @@ class RequestParser:
 
     # --- httptools callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self.in_head = True
         self._head_bytes = 0
         self._raw_head_bytes = 0
         self._head = RequestHead()
@@ -183,7 +172,7 @@ class RequestParser:
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:  # after the head: chunked trailers
+        if not self.in_head:  # after the head: chunked trailers
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value))
@@ -199,7 +188,7 @@ class RequestParser:
         self._head.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
         head = self._head
         p = self._parser
         head.method = p.get_method()
