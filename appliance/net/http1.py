@@ -5,8 +5,8 @@ becomes an :class:`Exchange`, which takes an idle upstream connection from the p
 one), sends the rewritten head and streams the body as it arrives. The upstream's
 :class:`Http1Upstream`'s parser hands the exchange the response head (rewritten for
 the client) and the body bytes as received; a body delimited by the upstream's close is
-passed on with ``Connection: close``. Responses go out in request order: a pipelined request waits, queued and
-with the client paused, until the exchange before it is done.
+passed on with ``Connection: close``. Responses go out in request order: a pipelined
+request waits, queued and with the client paused, until the exchange before it is done.
 
 Backpressure runs both ways: a full client write buffer pauses reading the upstream, a full
 upstream write buffer pauses reading the client. An Upgrade answered 101, or a CONNECT
