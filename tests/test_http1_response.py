@@ -191,3 +191,20 @@ def test_rewrite_of_a_101_keeps_upgrade() -> None:
     assert b"\r\nUpgrade: websocket\r\n" in out
     assert out.endswith(b"\r\nvia: " + VIA + b"\r\nconnection: upgrade\r\n\r\n")
     assert out.lower().count(b"connection:") == 1
+
+
+@pytest.mark.parametrize("lines,kept", [
+    (b"Connection: keep-alive\r\n", b""),
+    (b"Connection: Keep-Alive\r\nKeep-Alive: timeout=5, max=100\r\n", b""),
+    (b"Upgrade: h2,h2c\r\nConnection: Upgrade\r\n", b""),  # Apache's h2c advertisement
+    (b"Connection: close, X-Hop\r\nX-Hop: 1\r\nX-Keep: 2\r\n", b"X-Keep: 2\r\n"),
+    (b"X-Keep: 2\r\n", b"X-Keep: 2\r\n"),
+    (b"connection: keep-alive\r\nCONNECTION: close\r\n", b""),
+])
+def test_rewrite_cases(lines: bytes, kept: bytes) -> None:
+    """Each hop-by-hop shape is removed; other lines stay, in order."""
+    wire = b"HTTP/1.1 200 OK\r\nServer: s\r\n" + lines + b"Content-Length: 0\r\n\r\n"
+    head = run_partial(b"GET", wire).events[0][1]
+    out = rewrite_head(head, VIA, connection=None)
+    assert out == (b"HTTP/1.1 200 OK\r\nServer: s\r\n" + kept + b"Content-Length: 0\r\n"
+                   b"via: " + VIA + b"\r\n\r\n")

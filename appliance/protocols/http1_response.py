@@ -18,7 +18,6 @@ deliver the de-chunked body instead, and the client connection is closed at the 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Protocol
 
 import httptools
@@ -27,10 +26,15 @@ from appliance.protocols.http1 import HttpError
 
 _IDLE, _HEAD, _INTERIM, _BODY, _DONE, _TUNNEL = range(6)
 
-# Headers that belong to one connection (RFC 9110 7.6.1). Transfer-Encoding is kept when
-# the body is passed on raw (the framing is unchanged); Upgrade is kept on a 101.
-_HOP_LINE = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|te|upgrade):([^\r]*)")
-_CONNECTION_PLAIN = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Headers that belong to one connection (RFC 9110 7.6.1) are removed from response heads.
+# Transfer-Encoding is kept when the body is passed on raw (the framing is unchanged);
+# Upgrade is kept on a 101.
+# In responses, TE and Proxy-Connection are not defined (they are request fields) and Upgrade
+# only means something where Connection names it, so two scans find what must go; the
+# rest is what Connection names.
+_CONNECTION = b"\r\nconnection:"
+_HOP_NEEDLES = (_CONNECTION, b"\r\nkeep-alive:")
+_CONNECTION_PLAIN = frozenset({b"", b"keep-alive", b"close"})
 
 
 class Handler(Protocol):
@@ -80,20 +84,42 @@ def rewrite_head(head: ResponseHead, via: bytes, *, connection: bytes | None,
     """The head for the client: hop-by-hop lines (and those named by Connection) removed,
     ``Via`` and the proxy's own ``Connection`` added; everything else byte for byte."""
     raw, low = head.raw, head.low
-    cuts = []
-    named: set[bytes] = set()
-    for m in _HOP_LINE.finditer(low):
-        name = m.group(1)
-        if name == b"upgrade" and keep_upgrade:
-            continue
-        cuts.append((m.start(), m.end()))
-        if name == b"connection":
-            named.update(t.strip() for t in m.group(2).split(b","))
-    named -= _CONNECTION_PLAIN
-    named.discard(b"")
+    if keep_upgrade:
+        tail = b"\r\nvia: " + via + b"\r\nconnection: upgrade\r\n\r\n"
+    elif connection is not None:
+        tail = b"\r\nvia: " + via + b"\r\nconnection: " + connection + b"\r\n\r\n"
+    else:
+        tail = b"\r\nvia: " + via + b"\r\n\r\n"
+    # The common heads first: no Connection line, or one that only says keep-alive/close.
+    if not head.decoded and b"\r\nkeep-alive:" not in low:
+        pos = low.find(_CONNECTION)
+        if pos < 0:
+            return raw[:-4] + tail
+        end = low.find(b"\r\n", pos + 2)
+        if low[pos + 13:end].strip() in _CONNECTION_PLAIN and low.find(_CONNECTION, end) < 0:
+            return raw[:pos] + raw[end:-4] + tail
+    return _cut_hop_by_hop(head, keep_upgrade) + tail
+
+
+def _cut_hop_by_hop(head: ResponseHead, keep_upgrade: bool) -> bytes:
+    """The raw head without its hop-by-hop lines and its final blank line."""
+    raw, low = head.raw, head.low
+    cuts: list[tuple[int, int]] = []
+    named: list[bytes] = []
+    for needle in _HOP_NEEDLES:
+        pos = low.find(needle)
+        while pos >= 0:
+            end = low.find(b"\r\n", pos + 2)
+            cuts.append((pos, end))
+            if needle == _CONNECTION:
+                named.extend(low[pos + len(needle):end].split(b","))
+            pos = low.find(needle, end)
     if head.decoded:
-        named.add(b"transfer-encoding")
-    for name in named:  # rare: headers the upstream declared hop-by-hop
+        named.append(b"transfer-encoding")
+    for token in named:  # headers the upstream declared hop-by-hop (Upgrade, mostly)
+        name = token.strip()
+        if name in _CONNECTION_PLAIN or (keep_upgrade and name == b"upgrade"):
+            continue
         needle = b"\r\n" + name + b":"
         pos = low.find(needle)
         while pos >= 0:
@@ -104,15 +130,12 @@ def rewrite_head(head: ResponseHead, via: bytes, *, connection: bytes | None,
         cuts.sort()
         parts, last = [], 0
         for start, end in cuts:
-            parts.append(raw[last:start])
-            last = end
+            if start >= last:  # a line named twice is cut once
+                parts.append(raw[last:start])
+                last = end
         parts.append(raw[last:])
         raw = b"".join(parts)
-    if keep_upgrade:
-        return raw[:-4] + b"\r\nvia: " + via + b"\r\nconnection: upgrade\r\n\r\n"
-    if connection is not None:
-        return raw[:-4] + b"\r\nvia: " + via + b"\r\nconnection: " + connection + b"\r\n\r\n"
-    return raw[:-4] + b"\r\nvia: " + via + b"\r\n\r\n"
+    return raw[:-4]
 
 
 class _Decoding:
