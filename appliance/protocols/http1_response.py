@@ -54,8 +54,9 @@ class ResponseHead:
         self.raw = raw
         self.low = low = raw.lower()
         self.length = b"\r\ncontent-length:" in low
-        self.chunked = b"\r\ntransfer-encoding:" in low and b"chunked" in b"".join(
-            header_values(low, b"transfer-encoding"))
+        # llhttp refuses a response with both (strict mode), so a length means no chunks.
+        self.chunked = not self.length and b"\r\ntransfer-encoding:" in low and (
+            b"chunked" in b"".join(header_values(low, b"transfer-encoding")))
         self.decoded = False  # the body events carry de-chunked bytes
 
     def __repr__(self) -> str:
