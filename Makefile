@@ -11,7 +11,7 @@ demo: setup
 # Installs what is needed, then runs every test (netns-tests need root; they skip otherwise).
 test: setup
 	.venv/bin/ruff check appliance init certs tests netns-tests bench
-	.venv/bin/python -m pytest -q -p no:cacheprovider tests netns-tests
+	.venv/bin/python -m pytest -q -p no:cacheprovider tests netns-tests bench
 
 bench:
 	APPLIANCE_BENCH=1 bash .ci/setup
