@@ -103,7 +103,8 @@ class HttpConfig:
     """Seconds to wait for the upstream's response head after the request was sent;
     then the client gets 504. 0 disables it."""
     idle_timeout: float = 300.0
-    """Seconds a client connection may sit idle between requests before it is closed."""
+    """Seconds a client connection may sit idle between requests before it is closed (and
+    a request body may stall before the request gets 408)."""
     pool_idle_timeout: float = 60.0
     """Seconds an idle upstream connection is kept in the pool."""
     pool_max_idle: int = 64

@@ -285,3 +285,26 @@ def test_inbound_forward_to_loopback(backend: H11Server) -> None:
         assert b"-in (appliance)" in r.stdout
         assert p.metric("request_total", direction="inbound") == 1
         assert p.metric("request_total", direction="outbound") == 0
+
+
+def test_stalled_request_body_is_cut_off(backend: H11Server) -> None:
+    """A client that stops mid-body for http.idle_timeout gets 408 and frees the upstream."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{backend.port}",
+               "http.idle_timeout=1s") as p:
+        with socket.create_connection(("127.0.0.1", p.outbound), timeout=10) as s:
+            s.sendall(b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial")
+            out = b""
+            while piece := s.recv(4096):
+                out += piece
+        assert out.startswith(b"HTTP/1.1 408 "), out
+        assert p.metric("proxy_errors_total", error="body_timeout") == 1
+        assert p.metric("request_total") == 1
+        wait_for(lambda: p.metric("tcp_open_connections", peer="dst") == 0, timeout=5,
+                 what="upstream connection closed")
+
+
+def test_bad_request_counts_one_request_and_one_response(mesh: ProxyProcess) -> None:
+    """A refused request is one request and one 400 response in /metrics, not two."""
+    raw_exchange(mesh.outbound, b"GET / HTTP/1.1\r\nHost x\r\n\r\n")
+    assert mesh.metric("request_total", direction="outbound") == 1
+    assert mesh.metric("response_total", direction="outbound", status_code="400") == 1

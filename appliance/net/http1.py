@@ -168,16 +168,17 @@ class Http1Server(asyncio.Protocol):
         self.ex.start()
 
     # --- responses the proxy makes itself ----------------------------------------------
-    def refuse(self, status: int, reason: str) -> None:
-        """Bad input from the client: answer if we still can, then close."""
-        self.d.registry.error(self.d.name, f"http_{status}")
+    def refuse(self, status: int, reason: str, kind: str = "") -> None:
+        """Bad input (or none in time) from the client: answer if we still can, close."""
+        self.d.registry.error(self.d.name, kind or f"http_{status}")
         ex = self.ex
         if ex is not None and ex.response_started:
             self.abort()
             return
         if ex is not None:
             ex.cancel()
-        self.d.http.requests += 1
+        if ex is None or self.parser.in_head:  # a request not counted yet
+            self.d.http.requests += 1
         self.d.http.response(status, 0.0, "bad_request")
         self.write(error_response(status, reason, self.d.via, close=True))
         self.close()

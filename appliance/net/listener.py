@@ -78,7 +78,10 @@ class Direction:
         return dst.host == local_host or is_loopback(dst.host) or dst.host in ("0.0.0.0", "::")
 
     def sweep(self) -> None:
-        """Close connections past their header or idle timeouts; trim the pool."""
+        """Once a second: enforce the response, header and idle timeouts; trim the pool.
+
+        Checking here instead of arming a timer per request keeps timers off the hot path;
+        the price is up to a second of lateness."""
         now = self.loop.time()
         conf = self.config.http
         for conn in list(self.http_conns):
@@ -86,12 +89,16 @@ class Direction:
             if ex is not None and ex.waiting_since and conf.response_timeout \
                     and now - ex.waiting_since > conf.response_timeout:
                 ex.response_timeout()
+                continue
+            idle = now - conn.last_active > conf.idle_timeout
             if conn.parser.in_head:
                 if now - conn.head_started > conf.header_timeout:
-                    self.registry.error(self.name, "header_timeout")
-                    conn.refuse(408, "request head not received in time")
-            elif conn.ex is None and not conn.queue and now - conn.last_active > conf.idle_timeout:
+                    conn.refuse(408, "request head not received in time", "header_timeout")
+            elif ex is None and not conn.queue and idle:
                 conn.close()
+            elif ex is not None and idle and not ex.request_done:
+                # The client stopped sending its request body: give the upstream back.
+                conn.refuse(408, "request body stalled", "body_timeout")
         self.pool.sweep(now)
 
 
