@@ -196,6 +196,10 @@ class Http1Server(asyncio.Protocol):
         if not keep_alive or self.wants_close:
             self.close()
             return
+        if not self.queue:  # the usual case: nothing pipelined behind it
+            if self.paused & _PIPELINE:
+                self.resume(_PIPELINE)
+            return
         if self.draining:  # an error answered while replaying the queue: the loop goes on
             return
         self.draining = True
@@ -463,7 +467,7 @@ class Exchange:
             return
         rh = self.response_head
         assert rh is not None
-        if self.tunnel_opens(rh):
+        if (rh.status == 101 or self.head.method == b"CONNECT") and self.tunnel_opens(rh):
             return  # the tunnel takes over in upgraded()
         self.finished = True
         self.d.http.response(rh.status, self.d.loop.time() - self.started)
@@ -684,6 +688,7 @@ class Pool:
 
     def __init__(self, d: Direction) -> None:
         self.d = d
+        self.max_idle = d.config.http.pool_max_idle
         self.idle: dict[OrigDst, list[Http1Upstream]] = {}
 
     def take(self, key: OrigDst) -> Http1Upstream | None:
@@ -698,7 +703,7 @@ class Pool:
         if up.transport is None or up.transport.is_closing():
             return
         conns = self.idle.setdefault(up.key, [])
-        if len(conns) >= self.d.config.http.pool_max_idle:
+        if len(conns) >= self.max_idle:
             up.close()
             return
         up.idle_since = self.d.loop.time()
