@@ -208,3 +208,13 @@ def test_rewrite_cases(lines: bytes, kept: bytes) -> None:
     out = rewrite_head(head, VIA, connection=None)
     assert out == (b"HTTP/1.1 200 OK\r\nServer: s\r\n" + kept + b"Content-Length: 0\r\n"
                    b"via: " + VIA + b"\r\n\r\n")
+
+
+def test_http10_upstream_head_is_sent_as_http11() -> None:
+    """An HTTP/1.0 status line becomes HTTP/1.1: the client talks to us, not to upstream."""
+    head = run_partial(b"GET", b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").events[0][1]
+    assert rewrite_head(head, VIA, connection=None).startswith(b"HTTP/1.1 200 OK\r\n")
+    head = run_partial(b"GET", b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX: y\r\n"
+                               b"Keep-Alive: 5\r\nContent-Length: 0\r\n\r\n").events[0][1]
+    assert rewrite_head(head, VIA, connection=None) == (
+        b"HTTP/1.1 200 OK\r\nX: y\r\nContent-Length: 0\r\nvia: " + VIA + b"\r\n\r\n")

@@ -308,3 +308,26 @@ def test_bad_request_counts_one_request_and_one_response(mesh: ProxyProcess) -> 
     raw_exchange(mesh.outbound, b"GET / HTTP/1.1\r\nHost x\r\n\r\n")
     assert mesh.metric("request_total", direction="outbound") == 1
     assert mesh.metric("response_total", direction="outbound", status_code="400") == 1
+
+
+def test_http10_upstream_keeps_the_client_connection(tmp_path: Any) -> None:
+    """python's http.server answers HTTP/1.0 and closes; the client's connection to the
+    proxy stays open across requests all the same."""
+    (tmp_path / "f.txt").write_text("one\n")
+    port = free_port()
+    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path)], stderr=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/f.txt"],
+                                        capture_output=True).stdout == b"one\n",
+                 what="http.server")
+        with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
+            url = f"http://127.0.0.1:{p.outbound}/f.txt"
+            r = curl(url, url, url)
+            assert r.stdout == b"one\n" * 3, r.stderr
+            assert p.metric("tcp_open_total", peer="src") == 1
+            assert p.metric("tcp_open_total", peer="dst") == 3
+    finally:
+        server.terminate()
+        server.wait()

@@ -85,6 +85,9 @@ def rewrite_head(head: ResponseHead, via: bytes, *, connection: bytes | None,
     """The head for the client: hop-by-hop lines (and those named by Connection) removed,
     ``Via`` and the proxy's own ``Connection`` added; everything else byte for byte."""
     raw, low = head.raw, head.low
+    if raw.startswith(b"HTTP/1.0 "):  # we speak HTTP/1.1 to the client, whatever upstream did
+        raw = b"HTTP/1.1 " + raw[9:]
+        low = b"http/1.1 " + low[9:]
     if keep_upgrade:
         tail = b"\r\nvia: " + via + b"\r\nconnection: upgrade\r\n\r\n"
     elif connection is not None:
@@ -99,12 +102,11 @@ def rewrite_head(head: ResponseHead, via: bytes, *, connection: bytes | None,
         end = low.find(b"\r\n", pos + 2)
         if low[pos + 13:end].strip() in _CONNECTION_PLAIN and low.find(_CONNECTION, end) < 0:
             return raw[:pos] + raw[end:-4] + tail
-    return _cut_hop_by_hop(head, keep_upgrade) + tail
+    return _cut_hop_by_hop(raw, low, head, keep_upgrade) + tail
 
 
-def _cut_hop_by_hop(head: ResponseHead, keep_upgrade: bool) -> bytes:
+def _cut_hop_by_hop(raw: bytes, low: bytes, head: ResponseHead, keep_upgrade: bool) -> bytes:
     """The raw head without its hop-by-hop lines and its final blank line."""
-    raw, low = head.raw, head.low
     cuts: list[tuple[int, int]] = []
     named: list[bytes] = []
     for needle in _HOP_NEEDLES:
