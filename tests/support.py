@@ -46,6 +46,34 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def recv_until_eof(s: socket.socket) -> bytes:
+    """Everything the peer sends until it closes."""
+    chunks = []
+    while data := s.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+@contextmanager
+def static_server(directory: str, host: str = "127.0.0.1") -> Iterator[int]:
+    """``python3 -m http.server`` (HTTP/1.0, an unmodified real server) on a free port."""
+    port = free_port()
+    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", host,
+                               "--directory", directory],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def listening() -> bool:
+            with socket.socket(family) as probe:
+                return probe.connect_ex((host, port)) == 0
+        wait_for(listening, what=f"http.server on {host}:{port}")
+        yield port
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

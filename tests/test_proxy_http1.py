@@ -9,7 +9,15 @@ from typing import Any
 
 import h11
 import pytest
-from support import H11Server, ProxyProcess, free_port, proxy, wait_for
+from support import (
+    H11Server,
+    ProxyProcess,
+    free_port,
+    proxy,
+    recv_until_eof,
+    static_server,
+    wait_for,
+)
 
 
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
@@ -21,12 +29,7 @@ def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
     """Send ``data`` on a fresh connection and read until the proxy closes it."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        chunks = []
-        while True:
-            piece = s.recv(65536)
-            if not piece:
-                return b"".join(chunks)
-            chunks.append(piece)
+        return recv_until_eof(s)
 
 
 def test_curl_gets_the_page_and_is_counted(mesh: ProxyProcess, backend: H11Server) -> None:
@@ -259,20 +262,10 @@ def test_slow_request_head_gets_408() -> None:
 def test_ipv6_client_and_upstream(tmp_path: Any) -> None:
     """Over IPv6 loopback end to end: an IPv6 listener and an IPv6 upstream."""
     (tmp_path / "f.txt").write_text("over v6\n")
-    port = free_port()
-    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "::1",
-                               "--directory", str(tmp_path)], stderr=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: subprocess.run(["curl", "-sg", f"http://[::1]:{port}/f.txt"],
-                                        capture_output=True).stdout == b"over v6\n",
-                 what="IPv6 http.server")
-        with proxy("outbound.bind=::1", f"outbound.orig_dst_override=[::1]:{port}") as p:
-            r = curl("-g", f"http://[::1]:{p.outbound}/f.txt")
-            assert r.stdout == b"over v6\n", r.stderr
-    finally:
-        server.terminate()
-        server.wait()
+    with static_server(str(tmp_path), "::1") as port, \
+            proxy("outbound.bind=::1", f"outbound.orig_dst_override=[::1]:{port}") as p:
+        r = curl("-g", f"http://[::1]:{p.outbound}/f.txt")
+        assert r.stdout == b"over v6\n", r.stderr
 
 
 def test_inbound_forward_to_loopback(backend: H11Server) -> None:
@@ -314,20 +307,10 @@ def test_http10_upstream_keeps_the_client_connection(tmp_path: Any) -> None:
     """python's http.server answers HTTP/1.0 and closes; the client's connection to the
     proxy stays open across requests all the same."""
     (tmp_path / "f.txt").write_text("one\n")
-    port = free_port()
-    server = subprocess.Popen(["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(tmp_path)], stderr=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/f.txt"],
-                                        capture_output=True).stdout == b"one\n",
-                 what="http.server")
-        with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
-            url = f"http://127.0.0.1:{p.outbound}/f.txt"
-            r = curl(url, url, url)
-            assert r.stdout == b"one\n" * 3, r.stderr
-            assert p.metric("tcp_open_total", peer="src") == 1
-            assert p.metric("tcp_open_total", peer="dst") == 3
-    finally:
-        server.terminate()
-        server.wait()
+    with static_server(str(tmp_path)) as port, \
+            proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
+        url = f"http://127.0.0.1:{p.outbound}/f.txt"
+        r = curl(url, url, url)
+        assert r.stdout == b"one\n" * 3, r.stderr
+        assert p.metric("tcp_open_total", peer="src") == 1
+        assert p.metric("tcp_open_total", peer="dst") == 3

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import websockets.sync.client
 import websockets.sync.server
-from support import free_port, proxy
+from support import free_port, proxy, recv_until_eof
 
 
 class EchoServer:
@@ -54,15 +54,6 @@ def echo() -> Iterator[EchoServer]:
     server = EchoServer()
     yield server
     server.close()
-
-
-def recv_until_eof(s: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def test_opaque_tcp_echoes_byte_for_byte_with_half_close(echo: EchoServer) -> None:
