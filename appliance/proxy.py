@@ -86,6 +86,7 @@ class Proxy:
             for conn in list(d.http_conns):
                 conn.close()
             d.pool.close_all()
+            d.h2pool.close_all()
             for task in list(d.tasks):
                 task.cancel()
         self.stopped.set()

@@ -20,6 +20,7 @@ from typing import Any
 from appliance.config import Config
 from appliance.net.addr import OrigDst, is_loopback, local_addr, original_dst
 from appliance.net.http1 import Http1Server, Pool
+from appliance.net.http2 import H2Pool, Http2Server
 from appliance.net.relay import Relay
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
@@ -50,6 +51,7 @@ class Direction:
         self.via = b"1.1 " + self.via_name + b" (appliance)"
         self.http = registry.http(name, "http/1")
         self.pool = Pool(self)
+        self.h2pool = H2Pool(self)
         self.http_conns: set[Http1Server] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._tcp: dict[tuple[str, str], TcpStats] = {}
@@ -173,6 +175,8 @@ class Accepted(asyncio.Protocol):
             return
         if protocol is Protocol.HTTP1:
             Http1Server(d, self.transport, self.dst).start(self.buf, eof)
+        elif protocol is Protocol.HTTP2:
+            Http2Server(d, self.transport, self.dst).start(self.buf, eof)
         else:
             Relay(d, self.transport, self.dst, protocol.value, self.buf).start(eof)
 

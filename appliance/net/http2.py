@@ -1,0 +1,534 @@
+"""HTTP/2 (h2c, prior knowledge) proxying per stream, on the h2 library.
+
+Theory of operation: :class:`Http2Server` is the client-facing connection; every request
+stream it receives becomes a :class:`H2Stream`, which opens a stream of its own on a
+multiplexed :class:`Http2Upstream` to the destination (one connection per endpoint, more
+when the peer's MAX_CONCURRENT_STREAMS is reached). Headers, data, trailers and resets are
+forwarded stream by stream; a stream never waits on another.
+
+Flow control is end to end: DATA received on one side is acknowledged to its sender only
+once it has been handed to the other side's h2 connection within that side's flow-control
+window. What does not fit waits in the stream (bounded by the window the sender was given)
+and moves on ``WindowUpdated``. So a slow reader on one side slows the writer on the other,
+and the proxy never holds more than the advertised windows.
+
+Errors before a response head was sent become a response of the proxy's own: ``502``/
+``504`` with ``l5d-proxy-error``, or, for gRPC, a trailers-only response with
+``grpc-status`` UNAVAILABLE (14). After that, the stream is reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+
+from appliance.net.addr import OrigDst
+
+if TYPE_CHECKING:
+    from appliance.net.listener import Direction
+
+# Headers that are connection-specific: never forwarded between HTTP/2 connections.
+_CONNECTION_SPECIFIC = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+})
+_GRPC_UNAVAILABLE = b"14"
+_GRPC_DEADLINE_EXCEEDED = b"4"
+
+
+def _config(client_side: bool) -> h2.config.H2Configuration:
+    # Inbound headers are validated once, where they enter; what we send was validated on
+    # the way in, so outbound validation and normalisation are off (they cost per request).
+    return h2.config.H2Configuration(
+        client_side=client_side, header_encoding=None,
+        validate_inbound_headers=True, normalize_inbound_headers=True,
+        validate_outbound_headers=False, normalize_outbound_headers=False,
+    )
+
+
+def _forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in headers if n not in _CONNECTION_SPECIFIC]
+
+
+class H2Stream:
+    """One request stream: its client side and its upstream side."""
+
+    __slots__ = (
+        "server", "sid", "up", "usid", "headers", "to_up", "to_down", "grpc", "started",
+        "response_started", "status", "done", "early", "request_ended",
+    )
+
+    def __init__(self, server: Http2Server, sid: int, headers: list[tuple[bytes, bytes]]):
+        self.server = server
+        self.sid = sid
+        self.up: Http2Upstream | None = None
+        self.usid = 0
+        self.headers = headers
+        self.to_up: list[Any] = []  # [data, end_stream, flow-controlled length] waiting
+        self.to_down: list[Any] = []
+        self.grpc = any(n == b"content-type" and v.startswith(b"application/grpc")
+                        for n, v in headers)
+        self.started = server.d.loop.time()
+        self.response_started = False
+        self.status = 0
+        self.done = False
+        self.early: list[Any] = []  # request events that came before the upstream stream
+        self.request_ended = False  # END_STREAM came on the request's HEADERS frame
+
+
+class Http2Server(asyncio.Protocol):
+    """The client-facing side of an HTTP/2 connection."""
+
+    def __init__(self, d: Direction, transport: Any, dst: OrigDst) -> None:
+        self.d = d
+        self.transport = transport
+        self.dst = dst
+        self.conn = h2.connection.H2Connection(config=_config(client_side=False))
+        self.streams: dict[int, H2Stream] = {}
+        self.tcp = d.tcp_stats("h2", "src")
+        self.stats = d.registry.http(d.name, "h2")
+        self.closed = False
+
+    def start(self, early: bytes, early_eof: bool) -> None:
+        self.transport.set_protocol(self)
+        self.tcp.opened += 1
+        self.conn.initiate_connection()
+        self.flush()
+        if early:
+            self.data_received(early)
+        if early_eof:
+            self.close()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.closed:
+            self.tcp.write_bytes += len(data)
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.tcp.read_bytes += len(data)
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.d.registry.error(self.d.name, "h2_protocol_error")
+            self.flush()  # h2 has queued a GOAWAY
+            self.close()
+            return
+        for event in events:
+            self.handle(event)
+        self.flush()
+
+    def handle(self, event: Any) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                to_upstream(stream, event.data, False, event.flow_controlled_length)
+            else:
+                self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                    event.stream_id)
+        elif isinstance(event, h2.events.RequestReceived):
+            self.open_stream(event.stream_id, event.headers, event.stream_ended is not None)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and not stream.request_ended:
+                to_upstream(stream, b"", True, 0)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                to_upstream(stream, _forwardable(event.headers), True, 0)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self.window_opened(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.done = True
+                self.stats.response(stream.status, self.d.loop.time() - stream.started,
+                                    "client_reset")
+                cancel_upstream(stream, event.error_code)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.close()
+
+    def open_stream(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        stream = H2Stream(self, sid, headers)
+        stream.request_ended = ended
+        self.streams[sid] = stream
+        self.stats.requests += 1
+        via = self.d.via
+        if any(n == b"via" and self.d.via_name in v for n, v in headers):
+            self.d.registry.error(self.d.name, "loop")
+            respond_error(stream, 502, "request loop detected (Via names this proxy)")
+            return
+        stream.headers = [*_forwardable(headers), (b"via", via)]
+        self.d.h2pool.attach(stream, self.dst)
+
+    def window_opened(self, sid: int) -> None:
+        streams = self.streams.values() if sid == 0 else (
+            [self.streams[sid]] if sid in self.streams else [])
+        for stream in list(streams):
+            if stream.to_down:
+                drain(stream, down=True)
+
+    def stream_done(self, stream: H2Stream) -> None:
+        stream.done = True
+        self.streams.pop(stream.sid, None)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.tcp.closed += 1
+        for stream in list(self.streams.values()):
+            stream.done = True
+            cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
+        self.streams.clear()
+
+
+class Http2Upstream(asyncio.Protocol):
+    """A multiplexed HTTP/2 connection to one endpoint."""
+
+    def __init__(self, d: Direction, key: OrigDst) -> None:
+        self.d = d
+        self.key = key
+        self.conn = h2.connection.H2Connection(config=_config(client_side=True))
+        self.streams: dict[int, H2Stream] = {}
+        self.transport: Any = None
+        self.tcp = d.tcp_stats("h2", "dst")
+        self.draining = False  # GOAWAY received: no new streams
+        self.waiting: list[H2Stream] = []  # streams to open once connected
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.tcp.opened += 1
+        self.conn.initiate_connection()
+        self.flush()
+
+    @property
+    def full(self) -> bool:
+        limit = self.conn.remote_settings.max_concurrent_streams
+        return self.draining or self.conn.open_outbound_streams + len(self.waiting) >= limit
+
+    def open(self, stream: H2Stream) -> None:
+        usid = self.conn.get_next_available_stream_id()
+        stream.up, stream.usid = self, usid
+        self.streams[usid] = stream
+        self.conn.send_headers(usid, stream.headers, end_stream=stream.request_ended)
+        for data, end, length in stream.early:
+            to_upstream(stream, data, end, length)
+        stream.early = []
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.tcp.write_bytes += len(data)
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.tcp.read_bytes += len(data)
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.d.registry.error(self.d.name, "h2_upstream_protocol_error")
+            self.fail_all(f"upstream sent invalid HTTP/2: {exc}")
+            self.flush()
+            self.transport.close()
+            return
+        servers = set()
+        for event in events:
+            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+            if stream is not None:
+                servers.add(stream.server)
+            self.handle(event, stream)
+        self.flush()
+        for server in servers:
+            server.flush()
+
+    def handle(self, event: Any, stream: H2Stream | None) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            if stream is not None and not stream.done:
+                to_downstream(stream, event.data, False, event.flow_controlled_length)
+            else:
+                self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                    event.stream_id)
+        elif isinstance(event, h2.events.ResponseReceived):
+            if stream is not None and not stream.done:
+                response_head(stream, event.headers, event.stream_ended is not None)
+        elif isinstance(event, h2.events.InformationalResponseReceived):
+            if stream is not None and not stream.done:
+                srv = stream.server
+                srv.conn.send_headers(stream.sid, _forwardable(event.headers))
+        elif isinstance(event, h2.events.TrailersReceived):
+            if stream is not None and not stream.done:
+                to_downstream(stream, _forwardable(event.headers), True, 0)
+        elif isinstance(event, h2.events.StreamEnded):
+            if stream is not None and not stream.done:
+                to_downstream(stream, b"", True, 0)
+        elif isinstance(event, h2.events.StreamReset):
+            self.streams.pop(event.stream_id, None)
+            if stream is not None and not stream.done:
+                reset_downstream(stream, event.error_code)
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = self.streams.values() if event.stream_id == 0 else (
+                [stream] if stream is not None else [])
+            for s in list(targets):
+                if s.to_up:
+                    drain(s, down=False)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway(event.last_stream_id)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self.open_waiting()
+
+    def open_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for stream in waiting:
+            if not stream.done:
+                self.open(stream)
+
+    def goaway(self, last_stream_id: int | None) -> None:
+        """The upstream is going away: streams it never started are refused, so the
+        client may retry them; the rest may finish."""
+        self.draining = True
+        self.d.h2pool.forget(self)
+        last = last_stream_id or 0
+        for usid, stream in list(self.streams.items()):
+            if usid > last and not stream.response_started:
+                self.streams.pop(usid, None)
+                reset_downstream(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
+
+    def stream_done(self, stream: H2Stream) -> None:
+        self.streams.pop(stream.usid, None)
+        if self.draining and not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def fail_all(self, cause: str) -> None:
+        for stream in list(self.streams.values()) + self.waiting:
+            if not stream.done:
+                respond_error(stream, 502, cause)
+                stream.server.flush()
+        self.streams.clear()
+        self.waiting = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tcp.closed += 1
+        self.transport = None
+        self.d.h2pool.forget(self)
+        self.fail_all("upstream closed the connection" if exc is None
+                      else f"upstream connection failed: {exc}")
+
+
+# --- moving a stream's parts from one side to the other -----------------------------------
+
+def to_upstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
+    if stream.done:
+        stream.server.conn.acknowledge_received_data(length, stream.sid) if length else None
+        return
+    if stream.up is None:
+        stream.early.append((data, end, length))
+        return
+    stream.to_up.append([data, end, length])
+    drain(stream, down=False)
+
+
+def to_downstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
+    stream.to_down.append([data, end, length])
+    drain(stream, down=True)
+
+
+def drain(stream: H2Stream, *, down: bool) -> None:
+    """Send what waits for one side, as far as that side's flow-control window allows, and
+    acknowledge to the other side what was sent."""
+    if down:
+        dst_conn, dst_sid = stream.server.conn, stream.sid
+        src_conn, src_sid = (stream.up.conn if stream.up else None), stream.usid
+        queue = stream.to_down
+    else:
+        assert stream.up is not None
+        dst_conn, dst_sid = stream.up.conn, stream.usid
+        src_conn, src_sid = stream.server.conn, stream.sid
+        queue = stream.to_up
+    try:
+        while queue:
+            item = queue[0]
+            data, end, length = item
+            if isinstance(data, list):  # trailers
+                dst_conn.send_headers(dst_sid, data, end_stream=True)
+                queue.pop(0)
+                finish_side(stream, down)
+                continue
+            if data:
+                window = min(dst_conn.local_flow_control_window(dst_sid),
+                             dst_conn.max_outbound_frame_size)
+                if window <= 0:
+                    return
+                piece = data[:window]
+                rest = data[window:]
+                dst_conn.send_data(dst_sid, piece, end_stream=end and not rest)
+                sent = len(piece)
+                acked = length if not rest else min(length, sent)
+                if src_conn is not None and acked:
+                    src_conn.acknowledge_received_data(acked, src_sid)
+                if rest:
+                    item[0], item[2] = rest, length - acked
+                    continue
+                queue.pop(0)
+                if end:
+                    finish_side(stream, down)
+            else:
+                queue.pop(0)
+                if length and src_conn is not None:
+                    src_conn.acknowledge_received_data(length, src_sid)
+                if end:
+                    dst_conn.end_stream(dst_sid)
+                    finish_side(stream, down)
+    except h2.exceptions.StreamClosedError:
+        queue.clear()
+    finally:
+        if stream.up is not None:
+            stream.up.flush()
+
+
+def finish_side(stream: H2Stream, down: bool) -> None:
+    """One direction of the stream has ended; when the response has, the stream is done."""
+    if down:
+        stream.done = True
+        server = stream.server
+        server.stats.response(stream.status or 0, server.d.loop.time() - stream.started)
+        server.stream_done(stream)
+        if stream.up is not None:
+            stream.up.stream_done(stream)
+
+
+def response_head(stream: H2Stream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+    """Forward the response head; with END_STREAM on it (a gRPC trailers-only response, a
+    bodiless response) the stream ends in the same frame, as it did upstream."""
+    stream.response_started = True
+    for name, value in headers:
+        if name == b":status":
+            stream.status = int(value)
+            break
+    out = [*_forwardable(headers), (b"via", stream.server.d.via)]
+    stream.server.conn.send_headers(stream.sid, out, end_stream=ended)
+    if ended:
+        finish_side(stream, True)
+
+
+def reset_downstream(stream: H2Stream, code: int) -> None:
+    if stream.done:
+        return
+    stream.server.stats.response(stream.status or 0, stream.server.d.loop.time()
+                                 - stream.started, "upstream_reset")
+    try:
+        stream.server.conn.reset_stream(stream.sid, code)
+    except h2.exceptions.StreamClosedError:
+        pass
+    stream.server.stream_done(stream)
+    stream.server.flush()
+
+
+def cancel_upstream(stream: H2Stream, code: int) -> None:
+    """The client reset or left: reset the upstream stream, or never open it."""
+    up = stream.up
+    if up is None:
+        return
+    if up.transport is not None:
+        try:
+            up.conn.reset_stream(stream.usid, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        up.flush()
+    up.stream_done(stream)
+
+
+def respond_error(stream: H2Stream, status: int, cause: str) -> None:
+    """A response of the proxy's own, if no response head was sent yet; else a reset."""
+    server = stream.server
+    if stream.done:
+        return
+    if stream.response_started:
+        reset_downstream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        return
+    stream.response_started = True
+    stream.status = status
+    reason = cause.encode("ascii", "replace")
+    via = (b"via", server.d.via)
+    try:
+        if stream.grpc:
+            code = _GRPC_DEADLINE_EXCEEDED if status == 504 else _GRPC_UNAVAILABLE
+            server.conn.send_headers(stream.sid, [
+                (b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", code), (b"grpc-message", reason),
+                (b"l5d-proxy-error", reason), via], end_stream=True)
+        else:
+            body = reason + b"\n"
+            server.conn.send_headers(stream.sid, [
+                (b":status", str(status).encode()), (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()), (b"l5d-proxy-error", reason),
+                via])
+            server.conn.send_data(stream.sid, body, end_stream=True)
+    except h2.exceptions.StreamClosedError:
+        pass
+    server.stats.response(status, server.d.loop.time() - stream.started, "proxy")
+    stream.done = True
+    server.stream_done(stream)
+    if stream.up is not None:
+        stream.up.stream_done(stream)
+
+
+class H2Pool:
+    """Multiplexed upstream connections per endpoint."""
+
+    def __init__(self, d: Direction) -> None:
+        self.d = d
+        self.conns: dict[OrigDst, list[Http2Upstream]] = {}
+
+    def attach(self, stream: H2Stream, dst: OrigDst) -> None:
+        for up in self.conns.get(dst, ()):
+            if not up.full:
+                if up.transport is None:
+                    up.waiting.append(stream)
+                else:
+                    up.open(stream)
+                return
+        up = Http2Upstream(self.d, dst)
+        up.waiting.append(stream)
+        self.conns.setdefault(dst, []).append(up)
+        self.d.spawn(self.connect(up, dst))
+
+    async def connect(self, up: Http2Upstream, dst: OrigDst) -> None:
+        d = self.d
+        try:
+            await asyncio.wait_for(
+                d.loop.create_connection(lambda: up, d.connect_host(dst), dst.port),
+                d.connect_timeout)
+        except TimeoutError:
+            self.forget(up)
+            d.registry.error(d.name, "connect_timeout")
+            up.fail_all(f"upstream unreachable: connect to {dst} timed out")
+            return
+        except OSError as exc:
+            self.forget(up)
+            d.registry.error(d.name, "connect_refused")
+            up.fail_all(f"upstream unreachable: {dst}: {exc.strerror or exc}")
+            return
+        up.open_waiting()
+
+    def forget(self, up: Http2Upstream) -> None:
+        conns = self.conns.get(up.key)
+        if conns and up in conns:
+            conns.remove(up)
+
+    def close_all(self) -> None:
+        for conns in self.conns.values():
+            for up in conns:
+                if up.transport is not None:
+                    up.transport.close()
+        self.conns.clear()

@@ -1,0 +1,170 @@
+"""HTTP/2 (h2c) and gRPC through the proxy, with real peers: curl, nghttp2's h2load and
+nghttpd, and grpcio clients and servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from support import ProxyProcess, free_port, proxy, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("nghttpd") is None or shutil.which("h2load")
+                                is None, reason="needs nghttp2-server and nghttp2-client")
+
+
+@pytest.fixture
+def nghttpd(tmp_path) -> Iterator[tuple[int, str]]:
+    """nghttpd serving a directory over h2c (prior knowledge)."""
+    (tmp_path / "index.html").write_bytes(b"hello h2\n")
+    (tmp_path / "big.bin").write_bytes(os.urandom(3_000_000))
+    port = free_port()
+    proc = subprocess.Popen(["nghttpd", "--no-tls", "-d", str(tmp_path), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(up, what="nghttpd")
+        yield port, str(tmp_path)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture
+def h2mesh(nghttpd: tuple[int, str]) -> Iterator[ProxyProcess]:
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{nghttpd[0]}") as p:
+        yield p
+
+
+def test_curl_prior_knowledge_gets_exact_bytes(h2mesh: ProxyProcess,
+                                               nghttpd: tuple[int, str]) -> None:
+    """curl --http2-prior-knowledge gets a 3 MB file byte for byte, with Via, counted as h2."""
+    r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "-",
+                        f"http://127.0.0.1:{h2mesh.outbound}/big.bin"], capture_output=True,
+                       timeout=30)
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/2 200"), r.stderr
+    assert b"via: 1.1 " in head
+    with open(os.path.join(nghttpd[1], "big.bin"), "rb") as fh:
+        assert body == fh.read()
+    assert h2mesh.metric("request_total", direction="outbound", protocol="h2") == 1
+    assert h2mesh.metric("response_total", protocol="h2", status_code="200") == 1
+
+
+def test_h2load_multiplexes_on_one_upstream_connection(h2mesh: ProxyProcess) -> None:
+    """h2load: 4 clients x 10 concurrent streams, 2000 requests, all succeed; upstream,
+    the streams share one multiplexed connection."""
+    r = subprocess.run(["h2load", "-n", "2000", "-c", "4", "-m", "10",
+                        f"http://127.0.0.1:{h2mesh.outbound}/index.html"],
+                       capture_output=True, text=True, timeout=60)
+    assert "2000 succeeded, 0 failed, 0 errored" in r.stdout, r.stdout
+    assert h2mesh.metric("response_total", protocol="h2", status_code="200") == 2000
+    assert h2mesh.metric("tcp_open_total", protocol="h2", peer="src") == 4
+    assert h2mesh.metric("tcp_open_total", protocol="h2", peer="dst") == 1
+
+
+def test_unreachable_h2_upstream_is_502() -> None:
+    """No server at the destination: an HTTP/2 502 with l5d-proxy-error."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{free_port()}") as p:
+        r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-D", "-",
+                            f"http://127.0.0.1:{p.outbound}/"], capture_output=True, timeout=10)
+        assert r.stdout.startswith(b"HTTP/2 502"), r.stdout + r.stderr
+        assert b"l5d-proxy-error: upstream unreachable" in r.stdout
+
+
+# --- gRPC ------------------------------------------------------------------------------
+
+def _echo_unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+    if request == b"fail":
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail")
+    return b"echo:" + request
+
+
+def _stream_out(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    for i in range(int(request)):
+        yield b"item %d" % i
+
+
+def _stream_in(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    return b"%d" % sum(len(r) for r in requests)
+
+
+def _bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    for r in requests:
+        yield r.upper()
+
+
+@pytest.fixture
+def grpc_server() -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(_echo_unary),
+        "StreamOut": grpc.unary_stream_rpc_method_handler(_stream_out),
+        "StreamIn": grpc.stream_unary_rpc_method_handler(_stream_in),
+        "Bidi": grpc.stream_stream_rpc_method_handler(_bidi),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo",
+                                                                          handlers),))
+    health_servicer = health.HealthServicer()
+    health_servicer.set("test.Echo", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
+
+
+def test_grpc_unary_streaming_and_health_through_the_proxy(grpc_server: int) -> None:
+    """A grpcio client reaches a grpcio server through the proxy: unary, server streaming,
+    client streaming, bidirectional streaming, status codes and the health service."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_server}") as p:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            assert unary(b"hi", timeout=5) == b"echo:hi"
+            with pytest.raises(grpc.RpcError) as info:
+                unary(b"fail", timeout=5)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            out = channel.unary_stream("/test.Echo/StreamOut")
+            assert list(out(b"1000", timeout=10)) == [b"item %d" % i for i in range(1000)]
+            stream_in = channel.stream_unary("/test.Echo/StreamIn")
+            assert stream_in(iter([b"x" * 100_000] * 30), timeout=10) == b"3000000"
+            bidi = channel.stream_stream("/test.Echo/Bidi")
+            assert list(bidi(iter([b"a", b"b", b"c"]), timeout=5)) == [b"A", b"B", b"C"]
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service="test.Echo"), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert p.metric("request_total", protocol="h2") == 6
+        assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 1
+
+
+def test_grpc_to_unreachable_upstream_is_unavailable() -> None:
+    """A call the proxy cannot deliver ends with UNAVAILABLE and the proxy's cause."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{free_port()}") as p:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/test.Echo/Unary")(b"x", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "upstream unreachable" in info.value.details()
+
+
+def test_client_cancel_resets_the_upstream_stream(grpc_server: int) -> None:
+    """A cancelled streaming call is reset upstream; the connection keeps serving calls."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_server}") as p:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            call = channel.unary_stream("/test.Echo/StreamOut")(b"1000000", timeout=30)
+            assert next(call) == b"item 0"
+            call.cancel()
+            unary = channel.unary_unary("/test.Echo/Unary")
+            assert unary(b"after", timeout=5) == b"echo:after"
+        wait_for(lambda: p.metric("response_total", protocol="h2", error="client_reset") == 1,
+                 what="the cancelled stream counted as a client reset")
