@@ -7,10 +7,12 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import h2peer
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from support import ProxyProcess, free_port, proxy, wait_for
@@ -168,3 +170,72 @@ def test_client_cancel_resets_the_upstream_stream(grpc_server: int) -> None:
             assert unary(b"after", timeout=5) == b"echo:after"
         wait_for(lambda: p.metric("response_total", protocol="h2", error="client_reset") == 1,
                  what="the cancelled stream counted as a client reset")
+
+
+def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+    cancelled = threading.Event()
+    context.add_callback(cancelled.set)
+    cancelled.wait(float(request or b"2"))  # takes its time, unless cancelled
+    return b"slow"
+
+
+def _remaining(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return b"%.3f" % context.time_remaining()
+
+
+@pytest.fixture
+def grpc_timing_server() -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handlers = {"Slow": grpc.unary_unary_rpc_method_handler(_slow),
+                "Remaining": grpc.unary_unary_rpc_method_handler(_remaining)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Time",
+                                                                          handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
+
+
+def test_grpc_timeout_is_forwarded(grpc_timing_server: int) -> None:
+    """The upstream sees the caller's deadline (grpc-timeout passed on, as what is left)."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_timing_server}") as p:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            left = float(channel.unary_unary("/test.Time/Remaining")(b"", timeout=5))
+        assert 4.0 < left <= 5.0
+
+
+def test_grpc_deadline_enforced_by_the_proxy(grpc_timing_server: int) -> None:
+    """A caller that does not enforce its own grpc-timeout still gets DEADLINE_EXCEEDED
+    from the proxy when it passes, and the upstream call is cancelled."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_timing_server}") as p:
+        reply = h2peer.request(p.outbound, h2peer.grpc_headers(
+            b"/test.Time/Slow", (b"grpc-timeout", b"300m")), h2peer.grpc_frame(b"5"))
+        assert reply.header(b"grpc-status") == b"4", reply
+        assert b"deadline" in (reply.header(b"grpc-message") or b"")
+        assert p.metric("proxy_errors_total", error="grpc_deadline") == 1
+        assert p.metric("response_total", protocol="h2", grpc_status="4",
+                        classification="failure") == 1
+
+
+def test_invalid_grpc_timeout_is_refused(grpc_timing_server: int) -> None:
+    """A grpc-timeout that does not parse gets INTERNAL, and never reaches the upstream."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_timing_server}") as p:
+        reply = h2peer.request(p.outbound, h2peer.grpc_headers(
+            b"/test.Time/Slow", (b"grpc-timeout", b"soon")), h2peer.grpc_frame(b"0"))
+        assert reply.header(b"grpc-status") == b"13", reply
+        assert b"invalid grpc-timeout" in (reply.header(b"grpc-message") or b"")
+        assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 0
+
+
+def test_grpc_status_is_a_label(grpc_server: int) -> None:
+    """response_total carries grpc_status and classifies by it."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_server}") as p:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            unary(b"ok", timeout=5)
+            with pytest.raises(grpc.RpcError):
+                unary(b"fail", timeout=5)
+        assert p.metric("response_total", grpc_status="0", classification="success") == 1
+        assert p.metric("response_total", grpc_status="9", classification="failure") == 1

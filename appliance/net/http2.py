@@ -39,6 +39,24 @@ _CONNECTION_SPECIFIC = frozenset({
 })
 _GRPC_UNAVAILABLE = b"14"
 _GRPC_DEADLINE_EXCEEDED = b"4"
+_GRPC_RESOURCE_EXHAUSTED = b"8"
+_GRPC_INTERNAL = b"13"
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def parse_grpc_timeout(value: bytes) -> float | None:
+    """Seconds from a ``grpc-timeout`` value (1 to 8 digits and a unit), else None."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
+        return None
+    return int(digits) * unit
+
+
+def format_grpc_timeout(seconds: float) -> bytes:
+    """The shortest exact-enough ``grpc-timeout`` for what is left (rounded up to 1 ms)."""
+    ms = max(1, int(seconds * 1000 + 0.999))
+    return b"%dm" % ms if ms < 100_000_000 else b"%dS" % min(99_999_999, ms // 1000)
 
 
 def _config(client_side: bool) -> h2.config.H2Configuration:
@@ -60,7 +78,8 @@ class H2Stream:
 
     __slots__ = (
         "server", "sid", "up", "usid", "headers", "to_up", "to_down", "grpc", "started",
-        "response_started", "status", "done", "early", "request_ended",
+        "response_started", "status", "done", "early", "request_ended", "grpc_status",
+        "deadline",
     )
 
     def __init__(self, server: Http2Server, sid: int, headers: list[tuple[bytes, bytes]]):
@@ -79,6 +98,8 @@ class H2Stream:
         self.done = False
         self.early: list[Any] = []  # request events that came before the upstream stream
         self.request_ended = False  # END_STREAM came on the request's HEADERS frame
+        self.grpc_status = b""
+        self.deadline: asyncio.TimerHandle | None = None
 
 
 class Http2Server(asyncio.Protocol):
@@ -163,8 +184,28 @@ class Http2Server(asyncio.Protocol):
             self.d.registry.error(self.d.name, "loop")
             respond_error(stream, 502, "request loop detected (Via names this proxy)")
             return
-        stream.headers = [*_forwardable(headers), (b"via", via)]
+        out = _forwardable(headers)
+        if stream.grpc and not self.apply_grpc_timeout(stream, out):
+            return
+        out.append((b"via", via))
+        stream.headers = out
         self.d.h2pool.attach(stream, self.dst)
+
+    def apply_grpc_timeout(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Arm the call's deadline from ``grpc-timeout``; False if the value is invalid."""
+        for i, (name, value) in enumerate(headers):
+            if name != b"grpc-timeout":
+                continue
+            seconds = parse_grpc_timeout(value)
+            if seconds is None:
+                self.d.registry.error(self.d.name, "grpc_timeout_invalid")
+                respond_error(stream, 400, f"invalid grpc-timeout {value!r}",
+                              grpc_status=_GRPC_INTERNAL)
+                return False
+            # What is forwarded is what is left, measured from when we send it (now).
+            headers[i] = (name, format_grpc_timeout(seconds))
+            stream.deadline = self.d.loop.call_later(seconds, deadline_passed, stream)
+        return True
 
     def window_opened(self, sid: int) -> None:
         streams = self.streams.values() if sid == 0 else (
@@ -175,6 +216,9 @@ class Http2Server(asyncio.Protocol):
 
     def stream_done(self, stream: H2Stream) -> None:
         stream.done = True
+        if stream.deadline is not None:
+            stream.deadline.cancel()
+            stream.deadline = None
         self.streams.pop(stream.sid, None)
 
     def close(self) -> None:
@@ -268,6 +312,9 @@ class Http2Upstream(asyncio.Protocol):
                 srv.conn.send_headers(stream.sid, _forwardable(event.headers))
         elif isinstance(event, h2.events.TrailersReceived):
             if stream is not None and not stream.done:
+                for name, value in event.headers:
+                    if name == b"grpc-status":
+                        stream.grpc_status = value
                 to_downstream(stream, _forwardable(event.headers), True, 0)
         elif isinstance(event, h2.events.StreamEnded):
             if stream is not None and not stream.done:
@@ -401,7 +448,8 @@ def finish_side(stream: H2Stream, down: bool) -> None:
     if down:
         stream.done = True
         server = stream.server
-        server.stats.response(stream.status or 0, server.d.loop.time() - stream.started)
+        server.stats.response(stream.status or 0, server.d.loop.time() - stream.started, "",
+                              stream.grpc_status.decode("ascii", "replace"))
         server.stream_done(stream)
         if stream.up is not None:
             stream.up.stream_done(stream)
@@ -414,7 +462,8 @@ def response_head(stream: H2Stream, headers: list[tuple[bytes, bytes]], ended: b
     for name, value in headers:
         if name == b":status":
             stream.status = int(value)
-            break
+        elif name == b"grpc-status":
+            stream.grpc_status = value
     out = [*_forwardable(headers), (b"via", stream.server.d.via)]
     stream.server.conn.send_headers(stream.sid, out, end_stream=ended)
     if ended:
@@ -448,21 +497,51 @@ def cancel_upstream(stream: H2Stream, code: int) -> None:
     up.stream_done(stream)
 
 
-def respond_error(stream: H2Stream, status: int, cause: str) -> None:
-    """A response of the proxy's own, if no response head was sent yet; else a reset."""
+def grpc_code_for(status: int) -> bytes:
+    """The gRPC status for an error the proxy produces (as linkerd maps them)."""
+    if status == 504:
+        return _GRPC_DEADLINE_EXCEEDED
+    if status == 429:
+        return _GRPC_RESOURCE_EXHAUSTED
+    return _GRPC_UNAVAILABLE
+
+
+def respond_error(stream: H2Stream, status: int, cause: str, *,
+                  grpc_status: bytes | None = None) -> None:
+    """A response of the proxy's own, if no response head was sent yet; else a reset (or,
+    for gRPC, trailers carrying the status)."""
     server = stream.server
     if stream.done:
         return
+    stream.to_down.clear()  # what the upstream sent but could not be delivered yet is void
+    reason = cause.encode("ascii", "replace")
+    via = (b"via", server.d.via)
     if stream.response_started:
+        if stream.grpc:
+            code = grpc_status or grpc_code_for(status)
+            stream.grpc_status = code
+            try:
+                server.conn.send_headers(stream.sid, [
+                    (b"grpc-status", code), (b"grpc-message", reason),
+                    (b"l5d-proxy-error", reason)], end_stream=True)
+            except h2.exceptions.ProtocolError:
+                reset_downstream(stream, h2.errors.ErrorCodes.CANCEL)
+                return
+            server.stats.response(stream.status, server.d.loop.time() - stream.started,
+                                  "proxy", code.decode())
+            server.stream_done(stream)
+            if stream.up is not None:
+                stream.up.stream_done(stream)
+            return
         reset_downstream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
         return
     stream.response_started = True
     stream.status = status
-    reason = cause.encode("ascii", "replace")
-    via = (b"via", server.d.via)
     try:
         if stream.grpc:
-            code = _GRPC_DEADLINE_EXCEEDED if status == 504 else _GRPC_UNAVAILABLE
+            code = grpc_status or grpc_code_for(status)
+            stream.status = 200
+            stream.grpc_status = code
             server.conn.send_headers(stream.sid, [
                 (b":status", b"200"), (b"content-type", b"application/grpc"),
                 (b"grpc-status", code), (b"grpc-message", reason),
@@ -476,11 +555,25 @@ def respond_error(stream: H2Stream, status: int, cause: str) -> None:
             server.conn.send_data(stream.sid, body, end_stream=True)
     except h2.exceptions.StreamClosedError:
         pass
-    server.stats.response(status, server.d.loop.time() - stream.started, "proxy")
+    server.stats.response(stream.status, server.d.loop.time() - stream.started, "proxy",
+                          stream.grpc_status.decode())
     stream.done = True
     server.stream_done(stream)
     if stream.up is not None:
         stream.up.stream_done(stream)
+
+
+def deadline_passed(stream: H2Stream) -> None:
+    """The call's grpc-timeout ran out: cancel upstream, answer DEADLINE_EXCEEDED."""
+    stream.deadline = None
+    if stream.done:
+        return
+    server = stream.server
+    server.d.registry.error(server.d.name, "grpc_deadline")
+    cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
+    respond_error(stream, 504, "deadline exceeded (grpc-timeout)",
+                  grpc_status=_GRPC_DEADLINE_EXCEEDED)
+    server.flush()
 
 
 class H2Pool:

@@ -20,8 +20,11 @@ LATENCY_BUCKETS_MS = (
 )
 
 
-def classify(status: int) -> str:
-    """linkerd's default HTTP classification: 5xx is a failure, everything else success."""
+def classify(status: int, grpc_status: str = "") -> str:
+    """linkerd's default classification: gRPC by grpc-status (0 is success), HTTP by status
+    (5xx is a failure, everything else success)."""
+    if grpc_status:
+        return "success" if grpc_status == "0" else "failure"
     return "failure" if status >= 500 else "success"
 
 
@@ -33,13 +36,14 @@ class HttpStats:
     def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
         self.labels = labels
         self.requests = 0
-        self.responses: dict[tuple[int, str], int] = {}
+        self.responses: dict[tuple[int, str, str], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
 
-    def response(self, status: int, latency_s: float, error: str = "") -> None:
-        key = (status, error)
+    def response(self, status: int, latency_s: float, error: str = "",
+                 grpc_status: str = "") -> None:
+        key = (status, error, grpc_status)
         responses = self.responses
         responses[key] = responses.get(key, 0) + 1
         ms = latency_s * 1000.0
@@ -105,8 +109,11 @@ class Registry:
             out.append(f"request_total{_fmt(s.labels)} {s.requests}")
         _family(out, "response_total", "counter", "Total count of HTTP responses.")
         for s in http:
-            for (status, error), n in sorted(s.responses.items()):
-                extra = [("status_code", str(status)), ("classification", classify(status))]
+            for (status, error, grpc_status), n in sorted(s.responses.items()):
+                extra = [("status_code", str(status)),
+                         ("classification", classify(status, grpc_status))]
+                if grpc_status:
+                    extra.append(("grpc_status", grpc_status))
                 if error:
                     extra.append(("error", error))
                 out.append(f"response_total{_fmt(s.labels + tuple(extra))} {n}")

@@ -1,0 +1,67 @@
+"""A raw HTTP/2 client on the h2 library, for what real clients will not send on purpose
+(an invalid grpc-timeout, a deadline the client itself does not enforce, frame floods)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+
+
+@dataclass
+class Reply:
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    data: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reset: int | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers + self.trailers:
+            if n == name:
+                return v
+        return None
+
+
+def grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def request(port: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", *,
+            timeout: float = 10.0) -> Reply:
+    """One request on a fresh h2c connection; the reply once the stream ends or resets."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                header_encoding=None))
+    reply = Reply()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        conn.initiate_connection()
+        conn.send_headers(1, headers, end_stream=not body)
+        if body:
+            conn.send_data(1, body, end_stream=True)
+        s.sendall(conn.data_to_send())
+        while True:
+            data = s.recv(65536)
+            if not data:
+                raise AssertionError("connection closed before the stream ended")
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    reply.headers = list(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    reply.data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    reply.trailers = list(event.headers)
+                elif isinstance(event, h2.events.StreamReset):
+                    reply.reset = event.error_code
+                    return reply
+                elif isinstance(event, h2.events.StreamEnded):
+                    return reply
+            s.sendall(conn.data_to_send())
+
+
+def grpc_headers(path: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+            (b":authority", b"test"), (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"), *extra]
