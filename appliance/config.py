@@ -112,12 +112,27 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class H2Config:
+    max_concurrent_streams: int = 100
+    """Streams a client may have open at once on one HTTP/2 connection (SETTINGS)."""
+    max_header_list_size: int = 65536
+    """Largest header list a client may send (SETTINGS_MAX_HEADER_LIST_SIZE)."""
+    reset_limit: int = 100
+    """Streams a client may reset before their response started, within 10 s, before the
+    connection is closed with GOAWAY ENHANCE_YOUR_CALM (the Rapid Reset guard)."""
+    control_frame_limit: int = 1000
+    """PING, SETTINGS, PRIORITY and empty DATA frames a client may send within 10 s before
+    the connection is closed with GOAWAY ENHANCE_YOUR_CALM."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    h2: H2Config = field(default_factory=H2Config)
     log_level: str = "info"
     """One of debug, info, warning, error."""
     instance_id: str = ""

@@ -65,3 +65,34 @@ def grpc_headers(path: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, 
     return [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
             (b":authority", b"test"), (b"content-type", b"application/grpc"),
             (b"te", b"trailers"), *extra]
+
+
+def attack(port: int, script, *, timeout: float = 10.0) -> tuple[int | None, list]:
+    """Run ``script(conn)`` (which queues frames on a lenient client connection), send it
+    all in one write, and read until the server's GOAWAY or close. Returns the GOAWAY error
+    code (None if there was none) and the events seen."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False, validate_inbound_headers=False))
+    conn.initiate_connection()
+    script(conn)
+    events: list = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(conn.data_to_send())
+        while True:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                return None, events
+            if not data:
+                return None, events
+            for event in conn.receive_data(data):
+                events.append(event)
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    return event.error_code, events
+            out = conn.data_to_send()
+            if out:
+                try:
+                    s.sendall(out)
+                except OSError:
+                    return None, events

@@ -9,9 +9,12 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any
 from concurrent import futures
 
 import grpc
+import h2.errors
+import h2.events
 import h2peer
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -239,3 +242,114 @@ def test_grpc_status_is_a_label(grpc_server: int) -> None:
                 unary(b"fail", timeout=5)
         assert p.metric("response_total", grpc_status="0", classification="success") == 1
         assert p.metric("response_total", grpc_status="9", classification="failure") == 1
+
+
+# --- safety: raw frames from an h2 client acting as the attacker ---------------------------
+
+class _Counting:
+    """A grpc server that counts the calls that reached it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def handler(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self.lock:
+            self.calls += 1
+        return b"ok"
+
+
+@pytest.fixture
+def counting_server() -> Iterator[tuple[int, _Counting]]:
+    counter = _Counting()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Count", {"Call": grpc.unary_unary_rpc_method_handler(counter.handler)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port, counter
+    finally:
+        server.stop(0)
+
+
+def test_rapid_reset_gets_enhance_your_calm(counting_server: tuple[int, _Counting]) -> None:
+    """150 streams opened and reset at once: GOAWAY ENHANCE_YOUR_CALM, and none of the
+    cancelled requests reached the upstream."""
+    port, counter = counting_server
+
+    def script(conn: Any) -> None:
+        for i in range(150):
+            sid = 1 + 2 * i
+            conn.send_headers(sid, h2peer.grpc_headers(b"/test.Count/Call"))
+            conn.reset_stream(sid, 8)  # CANCEL
+
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
+        code, _ = h2peer.attack(p.outbound, script)
+        assert code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert p.metric("proxy_errors_total", error="h2_rapid_reset") == 1
+        assert counter.calls == 0
+        # The proxy still serves others.
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            assert channel.unary_unary("/test.Count/Call")(b"", timeout=5) == b"ok"
+
+
+def test_ping_flood_gets_enhance_your_calm(h2mesh: ProxyProcess) -> None:
+    """2000 PINGs in a burst: GOAWAY ENHANCE_YOUR_CALM."""
+    def script(conn: Any) -> None:
+        for i in range(2000):
+            conn.ping(i.to_bytes(8, "big"))
+
+    code, _ = h2peer.attack(h2mesh.outbound, script)
+    assert code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert h2mesh.metric("proxy_errors_total", error="h2_control_flood") == 1
+
+
+def test_empty_data_flood_gets_enhance_your_calm(h2mesh: ProxyProcess) -> None:
+    """A stream fed thousands of empty DATA frames: GOAWAY ENHANCE_YOUR_CALM."""
+    def script(conn: Any) -> None:
+        conn.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"),
+                              (b":path", b"/index.html"), (b":authority", b"t")])
+        for _ in range(1500):
+            conn.send_data(1, b"")
+
+    code, _ = h2peer.attack(h2mesh.outbound, script)
+    assert code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_too_many_concurrent_streams_is_refused(counting_server: tuple[int, _Counting]) -> None:
+    """With h2.max_concurrent_streams=5, a 6th open stream ends the connection (h2 treats
+    it as a connection error) and the proxy stays healthy."""
+    port, _ = counting_server
+
+    def script(conn: Any) -> None:
+        for i in range(6):
+            conn.send_headers(1 + 2 * i, h2peer.grpc_headers(b"/test.Count/Call"))
+
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}",
+               "h2.max_concurrent_streams=5") as p:
+        code, _ = h2peer.attack(p.outbound, script)
+        assert code in (h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                        h2.errors.ErrorCodes.REFUSED_STREAM)
+        assert p.metric("proxy_errors_total", error="h2_protocol_error") == 1
+
+
+@pytest.mark.parametrize("headers", [
+    [(b":method", b"GET"), (b":path", b"/")],  # :scheme and :authority missing
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"X-Upper", b"1")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"connection", b"x")],
+    [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"x", b"a\r\nb")],
+])
+def test_malformed_requests_never_reach_the_upstream(
+        counting_server: tuple[int, _Counting], headers: list[tuple[bytes, bytes]]) -> None:
+    """Missing pseudo-headers, uppercase names, connection headers, CR/LF in values: a
+    PROTOCOL_ERROR, and nothing reaches the upstream."""
+    port, counter = counting_server
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
+        code, events = h2peer.attack(p.outbound, lambda c: c.send_headers(1, headers,
+                                                                         end_stream=True))
+        reset = [e for e in events if isinstance(e, h2.events.StreamReset)]
+        assert code == h2.errors.ErrorCodes.PROTOCOL_ERROR or (
+            reset and reset[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR), events
+        assert counter.calls == 0
+        assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 0

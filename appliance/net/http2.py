@@ -27,8 +27,10 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 
 from appliance.net.addr import OrigDst
+from appliance.protocols.h2guard import H2Guard
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
@@ -110,7 +112,15 @@ class Http2Server(asyncio.Protocol):
         self.transport = transport
         self.dst = dst
         self.conn = h2.connection.H2Connection(config=_config(client_side=False))
+        limits = d.config.h2
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+        })
+        self.guard = H2Guard(reset_limit=limits.reset_limit,
+                             control_frame_limit=limits.control_frame_limit)
         self.streams: dict[int, H2Stream] = {}
+        self.opening: list[H2Stream] = []  # new streams, sent upstream after the read
         self.tcp = d.tcp_stats("h2", "src")
         self.stats = d.registry.http(d.name, "h2")
         self.closed = False
@@ -135,18 +145,41 @@ class Http2Server(asyncio.Protocol):
         self.tcp.read_bytes += len(data)
         try:
             events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
+        except h2.exceptions.ProtocolError as exc:
             self.d.registry.error(self.d.name, "h2_protocol_error")
-            self.flush()  # h2 has queued a GOAWAY
-            self.close()
+            self.goaway(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
             return
         for event in events:
             self.handle(event)
+            if self.closed:
+                return
+        # Streams are opened upstream only now, so a request the client reset in the same
+        # read (Rapid Reset's pattern) never reaches the upstream.
+        opening, self.opening = self.opening, []
+        for stream in opening:
+            if not stream.done:
+                self.d.h2pool.attach(stream, self.dst)
         self.flush()
+
+    def goaway(self, code: int) -> None:
+        """Close the connection with GOAWAY ``code``; its streams are cancelled upstream."""
+        try:
+            self.conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.close()
+
+    def calm(self, what: str) -> None:
+        self.d.registry.error(self.d.name, what)
+        self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     def handle(self, event: Any) -> None:
         if isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id)
+            if not event.data and event.stream_ended is None \
+                    and self.guard.control_frame(self.d.loop.time()):
+                self.calm("h2_control_flood")
+                return
             if stream is not None:
                 to_upstream(stream, event.data, False, event.flow_controlled_length)
             else:
@@ -168,9 +201,15 @@ class Http2Server(asyncio.Protocol):
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 stream.done = True
-                self.stats.response(stream.status, self.d.loop.time() - stream.started,
-                                    "client_reset")
+                now = self.d.loop.time()
+                self.stats.response(stream.status, now - stream.started, "client_reset")
                 cancel_upstream(stream, event.error_code)
+                if not stream.response_started and self.guard.stream_reset_early(now):
+                    self.calm("h2_rapid_reset")
+        elif isinstance(event, (h2.events.PingReceived, h2.events.RemoteSettingsChanged,
+                                h2.events.PriorityUpdated)):
+            if self.guard.control_frame(self.d.loop.time()):
+                self.calm("h2_control_flood")
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
 
@@ -189,7 +228,7 @@ class Http2Server(asyncio.Protocol):
             return
         out.append((b"via", via))
         stream.headers = out
-        self.d.h2pool.attach(stream, self.dst)
+        self.opening.append(stream)
 
     def apply_grpc_timeout(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> bool:
         """Arm the call's deadline from ``grpc-timeout``; False if the value is invalid."""
