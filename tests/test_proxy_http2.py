@@ -9,8 +9,8 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
-from typing import Any
 from concurrent import futures
+from typing import Any
 
 import grpc
 import h2.errors
