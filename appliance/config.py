@@ -123,6 +123,10 @@ class H2Config:
     control_frame_limit: int = 1000
     """PING, SETTINGS, PRIORITY and empty DATA frames a client may send within 10 s before
     the connection is closed with GOAWAY ENHANCE_YOUR_CALM."""
+    keepalive_interval: float = 20.0
+    """Seconds of silence on an upstream HTTP/2 connection before the proxy PINGs it."""
+    keepalive_timeout: float = 10.0
+    """Seconds a keepalive PING may go unanswered before the connection is closed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,7 +148,8 @@ class Config:
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 _DURATION_FIELDS = {"connect_timeout", "timeout", "header_timeout", "response_timeout",
-                    "idle_timeout", "pool_idle_timeout"}
+                    "idle_timeout", "pool_idle_timeout", "keepalive_interval",
+                    "keepalive_timeout"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

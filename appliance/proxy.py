@@ -76,15 +76,21 @@ class Proxy:
             self._sweeper.cancel()
         for server in self.servers:
             server.close()
+        for d in self.directions:
+            for h2conn in list(d.h2_conns):
+                h2conn.shutdown()  # GOAWAY: no new streams; those open may finish
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain
         while loop.time() < deadline and any(
-            c.ex is not None for d in self.directions for c in d.http_conns
+            any(c.ex is not None for c in d.http_conns) or any(c.streams for c in d.h2_conns)
+            for d in self.directions
         ):
             await asyncio.sleep(0.05)
         for d in self.directions:
             for conn in list(d.http_conns):
                 conn.close()
+            for h2conn in list(d.h2_conns):
+                h2conn.close()
             d.pool.close_all()
             d.h2pool.close_all()
             for task in list(d.tasks):

@@ -353,3 +353,60 @@ def test_malformed_requests_never_reach_the_upstream(
             reset and reset[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR), events
         assert counter.calls == 0
         assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 0
+
+
+def test_silent_upstream_is_dropped_by_keepalive() -> None:
+    """An upstream that accepts and then never answers (not even PING) is closed after
+    h2.keepalive_interval + h2.keepalive_timeout, and its stream gets a 502."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        try:
+            conn, _ = silent.accept()
+            held.append(conn)  # read nothing, answer nothing
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with proxy(f"outbound.orig_dst_override=127.0.0.1:{silent.getsockname()[1]}",
+                   "h2.keepalive_interval=500ms", "h2.keepalive_timeout=500ms") as p:
+            r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-D", "-",
+                                "--max-time", "15", f"http://127.0.0.1:{p.outbound}/"],
+                               capture_output=True, timeout=20)
+            assert r.stdout.startswith(b"HTTP/2 502"), r.stdout + r.stderr
+            assert p.metric("proxy_errors_total", error="h2_keepalive_timeout") == 1
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
+
+
+def test_shutdown_lets_in_flight_calls_finish(grpc_timing_server: int) -> None:
+    """SIGTERM during a call: the listener closes, the call in flight completes, exit 0."""
+    p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{grpc_timing_server}")
+    result: dict[str, Any] = {}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            call = channel.unary_unary("/test.Time/Slow")
+            done = threading.Event()
+
+            def run() -> None:
+                try:
+                    result["reply"] = call(b"1", timeout=10)
+                except grpc.RpcError as exc:
+                    result["error"] = exc
+                done.set()
+
+            threading.Thread(target=run, daemon=True).start()
+            wait_for(lambda: p.metric("request_total", protocol="h2") == 1,
+                     what="the call to reach the proxy")
+            code = p.stop()
+            assert done.wait(10)
+    finally:
+        p.stop()
+    assert result.get("reply") == b"slow", result
+    assert code == 0

@@ -28,6 +28,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from appliance.net.addr import OrigDst
 from appliance.protocols.h2guard import H2Guard
@@ -124,10 +125,12 @@ class Http2Server(asyncio.Protocol):
         self.tcp = d.tcp_stats("h2", "src")
         self.stats = d.registry.http(d.name, "h2")
         self.closed = False
+        self.last_active = d.loop.time()
 
     def start(self, early: bytes, early_eof: bool) -> None:
         self.transport.set_protocol(self)
         self.tcp.opened += 1
+        self.d.h2_conns.add(self)
         self.conn.initiate_connection()
         self.flush()
         if early:
@@ -143,6 +146,7 @@ class Http2Server(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.tcp.read_bytes += len(data)
+        self.last_active = self.d.loop.time()
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -168,6 +172,20 @@ class Http2Server(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             pass
         self.close()
+
+    def shutdown(self) -> None:
+        """Graceful: GOAWAY NO_ERROR naming the last stream we accepted; the streams open
+        may finish. The frame is written directly: h2's close_connection() would also stop
+        us sending on the streams still open."""
+        if self.closed:
+            return
+        self.flush()
+        self.last_accepted = self.conn.highest_inbound_stream_id
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_accepted,
+                            error_code=h2.errors.ErrorCodes.NO_ERROR)
+        data = frame.serialize()
+        self.tcp.write_bytes += len(data)
+        self.transport.write(data)
 
     def calm(self, what: str) -> None:
         self.d.registry.error(self.d.name, what)
@@ -213,7 +231,12 @@ class Http2Server(asyncio.Protocol):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close()
 
+    last_accepted = 1 << 31  # lowered by shutdown(): later streams are refused
+
     def open_stream(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        if sid > self.last_accepted:
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         stream = H2Stream(self, sid, headers)
         stream.request_ended = ended
         self.streams[sid] = stream
@@ -269,6 +292,7 @@ class Http2Server(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.tcp.closed += 1
+        self.d.h2_conns.discard(self)
         for stream in list(self.streams.values()):
             stream.done = True
             cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
@@ -287,6 +311,8 @@ class Http2Upstream(asyncio.Protocol):
         self.tcp = d.tcp_stats("h2", "dst")
         self.draining = False  # GOAWAY received: no new streams
         self.waiting: list[H2Stream] = []  # streams to open once connected
+        self.last_read = d.loop.time()
+        self.ping_sent = 0.0  # when the keepalive PING went out; 0 when none is pending
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -317,6 +343,8 @@ class Http2Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.tcp.read_bytes += len(data)
+        self.last_read = self.d.loop.time()
+        self.ping_sent = 0.0  # any frame shows the peer is alive
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -657,6 +685,23 @@ class H2Pool:
         conns = self.conns.get(up.key)
         if conns and up in conns:
             conns.remove(up)
+
+    def sweep(self, now: float) -> None:
+        """Keepalive: PING a connection quiet for ``h2.keepalive_interval``; one that does
+        not answer within ``h2.keepalive_timeout`` is closed (its streams get errors)."""
+        conf = self.d.config.h2
+        for conns in list(self.conns.values()):
+            for up in list(conns):
+                if up.transport is None:
+                    continue
+                if up.ping_sent:
+                    if now - up.ping_sent > conf.keepalive_timeout:
+                        self.d.registry.error(self.d.name, "h2_keepalive_timeout")
+                        up.transport.abort()
+                elif now - up.last_read > conf.keepalive_interval:
+                    up.ping_sent = now
+                    up.conn.ping(b"keepaliv")
+                    up.flush()
 
     def close_all(self) -> None:
         for conns in self.conns.values():

@@ -53,6 +53,7 @@ class Direction:
         self.pool = Pool(self)
         self.h2pool = H2Pool(self)
         self.http_conns: set[Http1Server] = set()
+        self.h2_conns: set[Http2Server] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._tcp: dict[tuple[str, str], TcpStats] = {}
 
@@ -101,7 +102,12 @@ class Direction:
             elif ex is not None and idle and not ex.request_done:
                 # The client stopped sending its request body: give the upstream back.
                 conn.refuse(408, "request body stalled", "body_timeout")
+        for h2conn in list(self.h2_conns):
+            if not h2conn.streams and now - h2conn.last_active > conf.idle_timeout:
+                h2conn.shutdown()
+                h2conn.close()
         self.pool.sweep(now)
+        self.h2pool.sweep(now)
 
 
 class Accepted(asyncio.Protocol):
