@@ -13,6 +13,8 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import h2peer
@@ -410,3 +412,49 @@ def test_shutdown_lets_in_flight_calls_finish(grpc_timing_server: int) -> None:
         p.stop()
     assert result.get("reply") == b"slow", result
     assert code == 0
+
+
+def test_slow_reader_bounds_what_the_proxy_reads_and_holds(tmp_path: Any) -> None:
+    """A client that stops granting flow-control credit after its first window: the proxy
+    stops reading the 50 MB response from upstream (end-to-end flow control) and its
+    memory stays flat."""
+    (tmp_path / "huge.bin").write_bytes(b"z" * 50_000_000)
+    port = free_port()
+    server = subprocess.Popen(["nghttpd", "--no-tls", "-d", str(tmp_path), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(up, what="nghttpd")
+        with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
+            rss_before = p.peak_rss_kib()
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(
+                client_side=True, header_encoding=None))
+            conn.initiate_connection()
+            conn.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                  (b":path", b"/huge.bin"), (b":authority", b"t")],
+                              end_stream=True)
+            received = 0
+            with socket.create_connection(("127.0.0.1", p.outbound), timeout=10) as s:
+                s.sendall(conn.data_to_send())
+                while received < 65535:  # read the first window, never acknowledge it
+                    for event in conn.receive_data(s.recv(65536)):
+                        if isinstance(event, h2.events.DataReceived):
+                            received += len(event.data)
+                    s.sendall(conn.data_to_send())  # settings acks only, no WINDOW_UPDATE
+
+                last = [-1.0]
+
+                def settled() -> bool:
+                    now = p.metric("tcp_read_bytes_total", protocol="h2", peer="dst")
+                    same = now == last[0]
+                    last[0] = now
+                    return same
+
+                wait_for(settled, timeout=10, interval=0.3, what="upstream reads to stop")
+                assert last[0] < 1_000_000, f"proxy read {last[0]:.0f} bytes upstream"
+                assert (p.peak_rss_kib() - rss_before) / 1024 < 16
+    finally:
+        server.terminate()
+        server.wait()
