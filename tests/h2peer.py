@@ -96,3 +96,30 @@ def attack(port: int, script, *, timeout: float = 10.0) -> tuple[int | None, lis
                     s.sendall(out)
                 except OSError:
                     return None, events
+
+
+def exchange(port: int, script, *, until_stream: int, timeout: float = 10.0) -> list:
+    """Like attack(), but read until ``until_stream`` ends (or is reset)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False,
+        normalize_outbound_headers=False, validate_inbound_headers=False))
+    conn.initiate_connection()
+    script(conn)
+    events: list = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(conn.data_to_send())
+        while True:
+            data = s.recv(65536)
+            if not data:
+                raise AssertionError(f"connection closed; events so far: {events}")
+            for event in conn.receive_data(data):
+                events.append(event)
+                if isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length,
+                                                   event.stream_id)
+                if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) \
+                        and event.stream_id == until_stream:
+                    return events
+            out = conn.data_to_send()
+            if out:
+                s.sendall(out)

@@ -342,19 +342,27 @@ def test_too_many_concurrent_streams_is_refused(counting_server: tuple[int, _Cou
     [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"connection", b"x")],
     [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"x", b"a\r\nb")],
 ])
-def test_malformed_requests_never_reach_the_upstream(
+def test_malformed_requests_are_stream_errors(
         counting_server: tuple[int, _Counting], headers: list[tuple[bytes, bytes]]) -> None:
-    """Missing pseudo-headers, uppercase names, connection headers, CR/LF in values: a
-    PROTOCOL_ERROR, and nothing reaches the upstream."""
+    """Missing pseudo-headers, uppercase names, connection headers, CR/LF in values: that
+    stream is reset with PROTOCOL_ERROR and goes nowhere; a good request on the same
+    connection is answered."""
     port, counter = counting_server
+
+    def script(conn: Any) -> None:
+        conn.send_headers(1, headers, end_stream=True)
+        conn.send_headers(3, h2peer.grpc_headers(b"/test.Count/Call"))
+        conn.send_data(3, h2peer.grpc_frame(b""), end_stream=True)
+
     with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
-        code, events = h2peer.attack(p.outbound, lambda c: c.send_headers(1, headers,
-                                                                         end_stream=True))
-        reset = [e for e in events if isinstance(e, h2.events.StreamReset)]
-        assert code == h2.errors.ErrorCodes.PROTOCOL_ERROR or (
-            reset and reset[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR), events
-        assert counter.calls == 0
-        assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 0
+        events = h2peer.exchange(p.outbound, script, until_stream=3)
+        resets = {e.stream_id: e.error_code for e in events
+                  if isinstance(e, h2.events.StreamReset)}
+        assert resets.get(1) == h2.errors.ErrorCodes.PROTOCOL_ERROR, events
+        trailers = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+        assert trailers and (b"grpc-status", b"0") in trailers[0].headers, events
+        assert counter.calls == 1
+        assert p.metric("proxy_errors_total", error="h2_malformed") == 1
 
 
 def test_silent_upstream_is_dropped_by_keepalive() -> None:

@@ -20,6 +20,7 @@ Errors before a response head was sent become a response of the proxy's own: ``5
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 import h2.config
@@ -32,9 +33,12 @@ from hyperframe.frame import GoAwayFrame
 
 from appliance.net.addr import OrigDst
 from appliance.protocols.h2guard import H2Guard
+from appliance.protocols.h2headers import request_problem, trailers_problem
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
+
+log = logging.getLogger("appliance.h2")
 
 # Headers that are connection-specific: never forwarded between HTTP/2 connections.
 _CONNECTION_SPECIFIC = frozenset({
@@ -63,11 +67,13 @@ def format_grpc_timeout(seconds: float) -> bytes:
 
 
 def _config(client_side: bool) -> h2.config.H2Configuration:
-    # Inbound headers are validated once, where they enter; what we send was validated on
-    # the way in, so outbound validation and normalisation are off (they cost per request).
+    # Headers are validated once, where they enter: request headers by
+    # appliance.protocols.h2headers (so a malformed request is a stream error, not a
+    # connection error as in h2), response headers by h2. What we send was validated on the
+    # way in, so outbound validation and normalisation are off (they cost per request).
     return h2.config.H2Configuration(
         client_side=client_side, header_encoding=None,
-        validate_inbound_headers=True, normalize_inbound_headers=True,
+        validate_inbound_headers=client_side, normalize_inbound_headers=client_side,
         validate_outbound_headers=False, normalize_outbound_headers=False,
     )
 
@@ -211,7 +217,10 @@ class Http2Server(asyncio.Protocol):
                 to_upstream(stream, b"", True, 0)
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
+            problem = trailers_problem(event.headers)
+            if problem is not None:
+                self.malformed(event.stream_id, problem)
+            elif stream is not None:
                 to_upstream(stream, _forwardable(event.headers), True, 0)
         elif isinstance(event, h2.events.WindowUpdated):
             self.window_opened(event.stream_id)
@@ -237,6 +246,10 @@ class Http2Server(asyncio.Protocol):
         if sid > self.last_accepted:
             self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        problem = request_problem(headers)
+        if problem is not None:
+            self.malformed(sid, problem)
+            return
         stream = H2Stream(self, sid, headers)
         stream.request_ended = ended
         self.streams[sid] = stream
@@ -252,6 +265,19 @@ class Http2Server(asyncio.Protocol):
         out.append((b"via", via))
         stream.headers = out
         self.opening.append(stream)
+
+    def malformed(self, sid: int, problem: str) -> None:
+        """A malformed request: reset its stream (PROTOCOL_ERROR); it goes nowhere."""
+        self.d.registry.error(self.d.name, "h2_malformed")
+        log.debug("stream %d reset: %s", sid, problem)
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            stream.done = True
+            cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
+        try:
+            self.conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass
 
     def apply_grpc_timeout(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> bool:
         """Arm the call's deadline from ``grpc-timeout``; False if the value is invalid."""
