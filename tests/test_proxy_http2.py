@@ -466,3 +466,14 @@ def test_slow_reader_bounds_what_the_proxy_reads_and_holds(tmp_path: Any) -> Non
     finally:
         server.terminate()
         server.wait()
+
+
+def test_streams_past_the_upstream_limit_use_more_connections(h2mesh: ProxyProcess) -> None:
+    """nghttpd allows 100 concurrent streams; 300 at once all succeed, over more than one
+    upstream connection (none is refused for want of stream slots)."""
+    r = subprocess.run(["h2load", "-n", "6000", "-c", "30", "-m", "10",
+                        f"http://127.0.0.1:{h2mesh.outbound}/index.html"],
+                       capture_output=True, text=True, timeout=120)
+    assert "6000 succeeded, 0 failed, 0 errored" in r.stdout, r.stdout
+    assert h2mesh.metric("tcp_open_total", protocol="h2", peer="dst") >= 2
+    assert h2mesh.metric("response_total", protocol="h2", status_code="502") == 0

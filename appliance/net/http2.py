@@ -346,16 +346,23 @@ class Http2Upstream(asyncio.Protocol):
         self.conn.initiate_connection()
         self.flush()
 
+    def capacity(self) -> int:
+        """Streams the peer lets us open now (its MAX_CONCURRENT_STREAMS minus open ones)."""
+        return self.conn.remote_settings.max_concurrent_streams - self.conn.open_outbound_streams
+
     @property
     def full(self) -> bool:
-        limit = self.conn.remote_settings.max_concurrent_streams
-        return self.draining or self.conn.open_outbound_streams + len(self.waiting) >= limit
+        return self.draining or self.capacity() - len(self.waiting) <= 0
 
     def open(self, stream: H2Stream) -> None:
         usid = self.conn.get_next_available_stream_id()
+        try:
+            self.conn.send_headers(usid, stream.headers, end_stream=stream.request_ended)
+        except h2.exceptions.TooManyStreamsError:
+            self.d.h2pool.attach(stream, self.key)  # another connection takes it
+            return
         stream.up, stream.usid = self, usid
         self.streams[usid] = stream
-        self.conn.send_headers(usid, stream.headers, end_stream=stream.request_ended)
         for data, end, length in stream.early:
             to_upstream(stream, data, end, length)
         stream.early = []
@@ -428,9 +435,15 @@ class Http2Upstream(asyncio.Protocol):
             self.open_waiting()
 
     def open_waiting(self) -> None:
+        """Open the streams that waited for this connection, as far as the peer allows;
+        the rest go to another connection (the pool dials one if needed)."""
         waiting, self.waiting = self.waiting, []
         for stream in waiting:
-            if not stream.done:
+            if stream.done:
+                continue
+            if self.draining or self.capacity() <= 0:
+                self.d.h2pool.attach(stream, self.key)
+            else:
                 self.open(stream)
 
     def goaway(self, last_stream_id: int | None) -> None:
