@@ -187,3 +187,82 @@ def run_wrk(wrk: str, url: str, duration_s: float, connections: int, core: int) 
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout}")
     return parse_wrk(proc.stdout)
+
+
+# --- h2load (h2c) ---------------------------------------------------------------------------
+
+@dataclass
+class H2loadResult:
+    requests: int  # done: completed with a response or an error, in the measured time
+    seconds: float
+    rps: float
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    status: dict[str, int]  # "2xx".."5xx"
+    min_ms: float
+    max_ms: float
+    mean_ms: float
+    sd_ms: float
+    header_savings_pct: float  # HPACK space savings h2load saw on response headers
+    raw: str
+
+    def problems(self) -> list[str]:
+        """Why this run cannot be trusted as a success (empty when fine)."""
+        counts = {"failed": self.failed, "errored": self.errored, "timeout": self.timeout}
+        out = [f"{v} {k}" for k, v in counts.items() if v]
+        bad = {k: v for k, v in self.status.items() if k != "2xx" and v}
+        if bad:
+            out.append("status " + ", ".join(f"{k} {v}" for k, v in bad.items()))
+        if self.requests == 0:
+            out.append("no requests completed")
+        return out
+
+    def summary(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+_H2_REQUESTS = re.compile(
+    r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout", re.M)
+
+
+def parse_h2load(out: str) -> H2loadResult:
+    """Parse h2load's summary; raises ValueError if the main figures are missing."""
+    fin = re.search(r"^finished in ([\d.]+\w+), ([\d.]+) req/s", out, re.M)
+    req = _H2_REQUESTS.search(out)
+    lat = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)
+    if not fin or not req or not lat:
+        raise ValueError("h2load output has no 'finished in' / 'requests:' / "
+                         "'time for request:' line")
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    status = dict(zip(("2xx", "3xx", "4xx", "5xx"),
+                      (int(x) for x in (codes.groups() if codes else (0, 0, 0, 0))), strict=True))
+    saving = re.search(r"headers \(space savings ([\d.]+)%\)", out)
+    _total, _started, done, ok, failed, errored, timeout = (int(x) for x in req.groups())
+    lo, hi, mean, sd = (_ms(x) for x in lat.groups())
+    return H2loadResult(
+        requests=done, seconds=_seconds(fin.group(1)), rps=float(fin.group(2)), succeeded=ok,
+        failed=failed, errored=errored, timeout=timeout, status=status, min_ms=lo, max_ms=hi,
+        mean_ms=mean, sd_ms=sd,
+        header_savings_pct=float(saving.group(1)) if saving else float("nan"), raw=out,
+    )
+
+
+def run_h2load(h2load: str, url: str, duration_s: float, connections: int, streams: int,
+               core: int) -> H2loadResult:
+    """One h2load run (h2c prior knowledge, 1 thread, `streams` concurrent streams per
+    connection, for `duration_s`) pinned to `core`; bounded by a timeout.
+
+    No --warm-up-time: the caller reads CPU from /proc around the whole process, so the
+    requests it divides by must span the same time (the harness warms up separately)."""
+    argv = ["taskset", "-c", str(core), h2load, "-t1", f"-c{connections}", f"-m{streams}",
+            f"-D{max(1, round(duration_s))}", url]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"h2load failed ({proc.returncode}): "
+                           f"{proc.stderr.strip() or proc.stdout[-500:]}")
+    return parse_h2load(proc.stdout)

@@ -1,4 +1,4 @@
-"""The processes a benchmark run starts: nginx backend, HAProxy, appliance.
+"""The processes a benchmark run starts: nginx and nghttpd backends, HAProxy, appliance.
 
 Each is a `Service`: a command pinned to one core with `taskset`, started in its own
 session (so stopping it also stops anything it spawned), its output captured in a log file
@@ -20,13 +20,14 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 SMALL_BODY = b"Hello, World!"  # 13 bytes
 BODY_16K = bytes(ord("a") + i % 26 for i in range(16 * 1024))
 PATH_BODIES = {"/small": SMALL_BODY, "/16k": BODY_16K}
 
-INSTALL_HINT = "apt-get install wrk haproxy nginx-light"
+INSTALL_HINT = "apt-get install wrk haproxy nginx-light nghttp2-client nghttp2-server"
 
 
 class BenchError(RuntimeError):
@@ -145,9 +146,62 @@ class Service:
             pass
 
 
+def h2c_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """One HTTP/2 GET with prior knowledge (h2c) to 127.0.0.1:port; (status, body).
+
+    Raises OSError on a connection failure, invalid HTTP/2 or no complete response in time."""
+    import h2.connection  # appliance's own dependency, in the same venv
+
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"),
+                          (":authority", f"{HOST}:{port}"), (":path", path)], end_stream=True)
+    got: dict[str, Any] = {"status": 0, "body": b"", "ended": False}
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(conn.data_to_send())
+        for _ in range(1000):  # frames come in a few reads; bounded all the same
+            data = sock.recv(65536)
+            if not data:
+                break
+            _h2c_receive(conn, data, got)
+            if got["ended"]:
+                return got["status"], got["body"]
+            sock.sendall(conn.data_to_send())
+    raise OSError(f"h2c GET {path}: the response did not end (status {got['status']})")
+
+
+def _h2c_receive(conn: Any, data: bytes, got: dict[str, Any]) -> None:
+    """Feed `data` to the h2 client connection; record status, body and the stream's end."""
+    import h2.events
+    import h2.exceptions
+
+    try:
+        events = conn.receive_data(data)
+    except h2.exceptions.ProtocolError as exc:
+        raise OSError(f"invalid HTTP/2 from the server: {exc}") from exc
+    for ev in events:
+        if isinstance(ev, h2.events.ResponseReceived):
+            got["status"] = int(dict(ev.headers)[b":status"])
+        elif isinstance(ev, h2.events.DataReceived):
+            got["body"] += ev.data
+            conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+            got["ended"] = True
+
+
 def _serves(port: int, path: str, body: bytes) -> bool:
     status, got = http_get(port, path)
     return status == 200 and got == body
+
+
+def _serves_h2c(port: int, path: str, body: bytes) -> bool:
+    status, got = h2c_get(port, path)
+    return status == 200 and got == body
+
+
+def get(group: str, port: int, path: str) -> tuple[int, bytes]:
+    """A GET as the group's load speaks it: h2c for "h2c", HTTP/1.1 otherwise."""
+    return h2c_get(port, path) if group == "h2c" else http_get(port, path)
 
 
 # --- nginx -------------------------------------------------------------------------------
@@ -201,6 +255,25 @@ def start_nginx(svc: Service, port: int, deadline_s: float = 10.0) -> None:
     svc.wait_ready(lambda: _serves(port, "/small", SMALL_BODY), deadline_s)
 
 
+# --- nghttpd (the h2c backend) ----------------------------------------------------------
+
+def nghttpd(binary: str, tmp: Path, port: int, core: int) -> Service:
+    """nghttpd, HTTP/2 cleartext only (prior knowledge), one worker thread, serving the
+    same files as nginx from its own directory; no per-request logging (no -v)."""
+    www = tmp / "www-h2"
+    www.mkdir(exist_ok=True)
+    for path, body in PATH_BODIES.items():
+        (www / path.lstrip("/")).write_bytes(body)
+    argv = [binary, "--no-tls", "--address", HOST, "--htdocs", str(www), "--workers", "1",
+            str(port)]
+    return Service("nghttpd", argv, core, tmp / "nghttpd.log", tmp)
+
+
+def start_nghttpd(svc: Service, port: int, deadline_s: float = 10.0) -> None:
+    svc.start()
+    svc.wait_ready(lambda: _serves_h2c(port, "/small", SMALL_BODY), deadline_s)
+
+
 # --- HAProxy -----------------------------------------------------------------------------
 
 HAPROXY_GLOBAL = """\
@@ -239,10 +312,28 @@ backend be_nginx
 """
 
 
+# h2c on both sides: HTTP/2 with prior knowledge from the client and to the server,
+# streams multiplexed over idle backend connections (`http-reuse always`).
+HAPROXY_H2C = """\
+    timeout http-keep-alive 60s
+    option http-keep-alive
+    http-reuse always
+
+frontend fe_h2c
+    bind {host}:{port} proto h2
+    default_backend be_nghttpd
+
+backend be_nghttpd
+    server nghttpd {host}:{backend_port} proto h2
+"""
+
+HAPROXY_BODIES = {"http": HAPROXY_HTTP, "tcp": HAPROXY_TCP, "h2c": HAPROXY_H2C}
+
+
 def haproxy(binary: str, tmp: Path, mode: str, port: int, backend_port: int, core: int) -> Service:
-    body = HAPROXY_HTTP if mode == "http" else HAPROXY_TCP
-    text = HAPROXY_GLOBAL.format(mode=mode) + body.format(
-        host=HOST, port=port, backend_port=backend_port)
+    """`mode` is the benchmark group: "http", "tcp" or "h2c" (HAProxy mode http)."""
+    text = HAPROXY_GLOBAL.format(mode="tcp" if mode == "tcp" else "http") + HAPROXY_BODIES[
+        mode].format(host=HOST, port=port, backend_port=backend_port)
     conf = tmp / f"haproxy-{mode}.cfg"
     conf.write_text(text)
     # -db: stay in the foreground, no master process; the pid we hold is the one serving.
@@ -250,10 +341,12 @@ def haproxy(binary: str, tmp: Path, mode: str, port: int, backend_port: int, cor
                    tmp / f"haproxy-{mode}.log", tmp)
 
 
-def start_proxy(svc: Service, port: int, deadline_s: float = 10.0) -> None:
-    """Start a proxy in front of nginx; ready when /small comes back intact through it."""
+def start_proxy(svc: Service, port: int, deadline_s: float = 10.0, h2c: bool = False) -> None:
+    """Start a proxy in front of the backend; ready when /small comes back intact through
+    it (over h2c if `h2c`)."""
     svc.start()
-    svc.wait_ready(lambda: _serves(port, "/small", SMALL_BODY), deadline_s)
+    serves = _serves_h2c if h2c else _serves
+    svc.wait_ready(lambda: serves(port, "/small", SMALL_BODY), deadline_s)
 
 
 # --- appliance ---------------------------------------------------------------------------
@@ -283,8 +376,10 @@ def appliance(binary: str, tmp: Path, name: str, ports: tuple[int, int, int],
 
 
 def start_appliance(svc: Service, outbound_port: int, admin_port: int,
-                    deadline_s: float = 20.0) -> None:
-    """Ready when admin /ready says 200 and /small comes back intact through outbound."""
+                    deadline_s: float = 20.0, h2c: bool = False) -> None:
+    """Ready when admin /ready says 200 and /small comes back intact through outbound
+    (over h2c if `h2c`)."""
     svc.start()
     svc.wait_ready(lambda: http_get(admin_port, "/ready")[0] == 200, deadline_s)
-    svc.wait_ready(lambda: _serves(outbound_port, "/small", SMALL_BODY), deadline_s)
+    serves = _serves_h2c if h2c else _serves
+    svc.wait_ready(lambda: serves(outbound_port, "/small", SMALL_BODY), deadline_s)
