@@ -477,3 +477,30 @@ def test_streams_past_the_upstream_limit_use_more_connections(h2mesh: ProxyProce
     assert "6000 succeeded, 0 failed, 0 errored" in r.stdout, r.stdout
     assert h2mesh.metric("tcp_open_total", protocol="h2", peer="dst") >= 2
     assert h2mesh.metric("response_total", protocol="h2", status_code="502") == 0
+
+
+def test_a_client_leaving_mid_stream_does_not_hurt_others(grpc_timing_server: int) -> None:
+    """Clients that vanish with calls in flight (their responses arrive for a closed
+    connection) leave the shared upstream connection serving everyone else."""
+    with proxy(f"outbound.orig_dst_override=127.0.0.1:{grpc_timing_server}") as p:
+        with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+            remaining = channel.unary_unary("/test.Time/Remaining")
+            assert remaining(b"", timeout=5)
+            for _ in range(5):
+                conn = h2.connection.H2Connection(h2.config.H2Configuration(
+                    client_side=True, header_encoding=None))
+                conn.initiate_connection()
+                conn.send_headers(1, h2peer.grpc_headers(b"/test.Time/Slow"))
+                conn.send_data(1, h2peer.grpc_frame(b"0.2"), end_stream=True)
+                with socket.create_connection(("127.0.0.1", p.outbound)) as s:
+                    s.sendall(conn.data_to_send())
+                    wait_for(lambda: p.metric("request_total", protocol="h2") >= 2,
+                             what="the call to reach the proxy")
+                    conn.close_connection()
+                    s.sendall(conn.data_to_send())  # GOAWAY, then gone
+            wait_for(lambda: p.metric("tcp_open_connections", protocol="h2", peer="src") == 1,
+                     what="the vanished clients' connections to be gone")
+            for _ in range(3):
+                assert remaining(b"", timeout=5)
+        assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 1
+    assert "Fatal error" not in p.output(), p.output()

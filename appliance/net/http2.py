@@ -102,7 +102,7 @@ class H2Stream:
     __slots__ = (
         "server", "sid", "up", "usid", "headers", "to_up", "to_down", "grpc", "started",
         "response_started", "status", "done", "early", "request_ended", "grpc_status",
-        "deadline",
+        "deadline", "retried",
     )
 
     def __init__(self, server: Http2Server, sid: int, headers: list[tuple[bytes, bytes]]):
@@ -123,6 +123,7 @@ class H2Stream:
         self.request_ended = False  # END_STREAM came on the request's HEADERS frame
         self.grpc_status = b""
         self.deadline: asyncio.TimerHandle | None = None
+        self.retried = False
 
 
 class Http2Server(asyncio.Protocol):
@@ -180,9 +181,15 @@ class Http2Server(asyncio.Protocol):
         # Streams are opened upstream only now, so a request the client reset in the same
         # read (Rapid Reset's pattern) never reaches the upstream.
         opening, self.opening = self.opening, []
-        for stream in opening:
-            if not stream.done:
-                self.d.h2pool.attach(stream, self.dst)
+        if opening:
+            touched = set()
+            for stream in opening:
+                if not stream.done:
+                    self.d.h2pool.attach(stream, self.dst)
+                    if stream.up is not None:
+                        touched.add(stream.up)
+            for up in touched:  # one write per upstream for all the streams of this read
+                up.flush()
         self.flush()
 
     def goaway(self, code: int) -> None:
@@ -328,15 +335,21 @@ class Http2Server(asyncio.Protocol):
             self.flush()
             self.closed = True
             self.transport.close()
+            self.abandon_streams()
+
+    def abandon_streams(self) -> None:
+        """This side can send nothing more: its streams are cancelled upstream now, before
+        their responses arrive for a connection that is gone."""
+        for stream in list(self.streams.values()):
+            stream.done = True
+            cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
+        self.streams.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.tcp.closed += 1
         self.d.h2_conns.discard(self)
-        for stream in list(self.streams.values()):
-            stream.done = True
-            cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
-        self.streams.clear()
+        self.abandon_streams()
 
 
 class Http2Upstream(asyncio.Protocol):
@@ -353,6 +366,7 @@ class Http2Upstream(asyncio.Protocol):
         self.waiting: list[H2Stream] = []  # streams to open once connected
         self.last_read = d.loop.time()
         self.ping_sent = 0.0  # when the keepalive PING went out; 0 when none is pending
+        self.settings_seen = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -361,8 +375,13 @@ class Http2Upstream(asyncio.Protocol):
         self.flush()
 
     def capacity(self) -> int:
-        """Streams the peer lets us open now (its MAX_CONCURRENT_STREAMS minus open ones)."""
-        return self.conn.remote_settings.max_concurrent_streams - self.conn.open_outbound_streams
+        """Streams the peer lets us open now (its MAX_CONCURRENT_STREAMS minus open ones).
+        Until its SETTINGS arrive, h2 assumes no limit; we assume 100 (RFC 9113's floor
+        for what a peer should allow), so a burst is not refused."""
+        limit = self.conn.remote_settings.max_concurrent_streams
+        if not self.settings_seen:
+            limit = min(limit, 100)
+        return limit - self.conn.open_outbound_streams
 
     @property
     def full(self) -> bool:
@@ -380,7 +399,6 @@ class Http2Upstream(asyncio.Protocol):
         for data, end, length in stream.early:
             to_upstream(stream, data, end, length)
         stream.early = []
-        self.flush()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -405,7 +423,16 @@ class Http2Upstream(asyncio.Protocol):
             stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
             if stream is not None:
                 servers.add(stream.server)
-            self.handle(event, stream)
+            try:
+                self.handle(event, stream)
+            except h2.exceptions.ProtocolError:
+                # The client side of this stream cannot take it (its connection is closing):
+                # that stream ends here; the connection and its other streams go on.
+                if stream is None:
+                    raise
+                stream.done = True
+                stream.server.streams.pop(stream.sid, None)
+                cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
         self.flush()
         for server in servers:
             server.flush()
@@ -435,8 +462,19 @@ class Http2Upstream(asyncio.Protocol):
                 to_downstream(stream, b"", True, 0)
         elif isinstance(event, h2.events.StreamReset):
             self.streams.pop(event.stream_id, None)
-            if stream is not None and not stream.done:
-                reset_downstream(stream, event.error_code)
+            if stream is None or stream.done:
+                return
+            if (event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                    and not stream.response_started and stream.request_ended
+                    and not stream.retried):
+                # Refused before any processing (RFC 9113 8.7): safe to send again.
+                stream.retried = True
+                stream.up = None
+                self.d.h2pool.attach(stream, self.key)
+                if stream.up is not None:
+                    stream.up.flush()
+                return
+            reset_downstream(stream, event.error_code)
         elif isinstance(event, h2.events.WindowUpdated):
             targets = self.streams.values() if event.stream_id == 0 else (
                 [stream] if stream is not None else [])
@@ -446,12 +484,14 @@ class Http2Upstream(asyncio.Protocol):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway(event.last_stream_id)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self.settings_seen = True
             self.open_waiting()
 
     def open_waiting(self) -> None:
         """Open the streams that waited for this connection, as far as the peer allows;
         the rest go to another connection (the pool dials one if needed)."""
         waiting, self.waiting = self.waiting, []
+        touched = {self}
         for stream in waiting:
             if stream.done:
                 continue
@@ -459,6 +499,10 @@ class Http2Upstream(asyncio.Protocol):
                 self.d.h2pool.attach(stream, self.key)
             else:
                 self.open(stream)
+            if stream.up is not None:
+                touched.add(stream.up)
+        for up in touched:
+            up.flush()
 
     def goaway(self, last_stream_id: int | None) -> None:
         """The upstream is going away: streams it never started are refused, so the
