@@ -3,7 +3,8 @@
 Three hosts on a private bridge in 198.18.0.0/24: ``client``, ``web1`` and ``web2``. In each,
 ``appliance init`` installs the redirect rules and ``appliance proxy`` runs as UID 2102, as a
 sidecar would. Unmodified programs then talk: ``curl`` to ``python3 -m http.server`` on both
-web hosts, and a plain TCP client to an echo server on web2. The report shows what each
+web hosts, ``curl --http2-prior-knowledge`` to nghttpd on web2 (when nghttpd is installed),
+and a plain TCP client to an echo server on web2. The report shows what each
 proxy saw, read from its own /metrics. Everything is removed at the end (or on Ctrl-C).
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 HOSTS = ("client", "web1", "web2")
 HTTP_PORT = 8080
 ECHO_PORT = 7000
+H2_PORT = 8443
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -69,10 +71,15 @@ def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
                   stderr=subprocess.DEVNULL)
     start_app(net["web2"], ["python3", "-c", ECHO_SERVER, str(ECHO_PORT)], ECHO_PORT,
               stderr=subprocess.DEVNULL)
+    h2 = shutil.which("nghttpd")
+    if h2:
+        start_app(net["web2"], [h2, "--no-tls", "-d", os.path.join(tmp, "web2"), str(H2_PORT)],
+                  H2_PORT, stderr=subprocess.DEVNULL)
     for host in net:
         app = {"client": "curl, a TCP client",
                "web1": f"python3 -m http.server {HTTP_PORT}",
-               "web2": f"python3 -m http.server {HTTP_PORT}, TCP echo on {ECHO_PORT}"}
+               "web2": f"python3 -m http.server {HTTP_PORT}, TCP echo on {ECHO_PORT}"
+                       + (f", nghttpd (h2c) on {H2_PORT}" if h2 else "")}
         say(f"  {host.name:<7} {host.addr:<12} {app[host.name]}")
     say("  each: rules by `appliance init`, `appliance proxy` as UID 2102, apps unchanged\n")
 
@@ -105,11 +112,27 @@ def _traffic(net: Any, count: int) -> bool:
         summary = ", ".join(f"{n}x {s}" for s, n in sorted(codes.items()))
         say(f"  curl {url} x{count}: {summary}, body {body.strip()!r}")
         say(f"    via: {via}")
+    if shutil.which("nghttpd"):
+        ok = _h2(client, net["web2"].addr, count) and ok
     echo = _echo(client, net["web2"].addr)
     ok = ok and echo
     say(f"  tcp {net['web2'].addr}:{ECHO_PORT}: 64 KiB of binary bytes echoed "
         f"{'byte for byte' if echo else 'WRONG'}")
     return ok
+
+
+def _h2(client: Any, addr: str, count: int) -> bool:
+    """HTTP/2 with prior knowledge (what gRPC clients speak) to nghttpd on web2."""
+    url = f"http://{addr}:{H2_PORT}/"
+    codes: dict[str, int] = {}
+    for _ in range(count):
+        done = client.run(["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w",
+                           "HTTP/%{http_version} %{http_code}", "--max-time", "5", url],
+                          check=False)
+        codes[done.stdout] = codes.get(done.stdout, 0) + 1
+    summary = ", ".join(f"{n}x {s}" for s, n in sorted(codes.items()))
+    say(f"  curl --http2-prior-knowledge {url} x{count}: {summary}")
+    return codes.get("HTTP/2 200") == count
 
 
 ECHO_CLIENT = """
