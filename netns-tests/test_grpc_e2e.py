@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshpair import MeshPair, delta, eventually, meshed_pair
 
-from appliance.telemetry import scrape
-from init.mesh import MeshNode, start_app
+from init.mesh import start_app
 from init.netns import Network
 
 MODES = ["legacy", "nft"]
@@ -143,23 +143,9 @@ class Call:
         return f"Call({self.name}, {self.code}, {self.details!r}, {reply})"
 
 
-@dataclass
-class GrpcMesh:
-    mode: str
-    net: Network
-    client: MeshNode
-    server: MeshNode
-    work: Path
-    app_log: Path
+class GrpcMesh(MeshPair):
+    app_name = "grpc server"
 
-    def diag(self, *extra: object) -> str:
-        """What to read when an assertion fails: the given values and every log."""
-        parts = [_brief(e) for e in extra]
-        for node in (self.client, self.server):
-            state = "not running" if node.proc is None else f"exit={node.proc.poll()}"
-            parts.append(f"--- {node.host.name} proxy ({self.mode}, {state}) log:\n{node.log()}")
-        parts.append(f"--- grpc server log:\n{self.app_log.read_text(errors='replace')}")
-        return "\n".join(parts)
 
     def call(self, plan: list[tuple[str, Any]], port: int = GRPC_PORT) -> list[Call]:
         """Run the grpcio client on the client host: ``plan`` on one channel to the
@@ -178,11 +164,6 @@ class GrpcMesh:
         assert [c.name for c in calls] == [n for n, _ in plan], self.diag(calls, done.stderr)
         return calls
 
-    def healthy(self) -> None:
-        for node in (self.client, self.server):
-            assert node.proc is not None and node.proc.poll() is None, self.diag(
-                f"{node.host.name} proxy exited")
-            assert node.ready(), self.diag(f"{node.host.name} proxy not ready")
 
 
 def _app_env() -> dict[str, str]:
@@ -194,26 +175,10 @@ def _app_env() -> dict[str, str]:
     return env
 
 
-def _brief(value: object) -> str:
-    """A metrics exposition shrunk to its counters; anything else as repr."""
-    if isinstance(value, str) and value.startswith("# HELP"):
-        return "\n".join(line for line in value.splitlines()
-                         if "_total{" in line and not line.startswith("#"))
-    return repr(value)
 
 
-def eventually(check: Callable[[], Any], timeout: float,
-               explain: Callable[[], str]) -> None:
-    """Poll ``check`` until it is true; fail with ``explain()`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"condition not met within {timeout}s\n{explain()}")
-        time.sleep(0.02)
 
 
-def delta(before: str, after: str, name: str, **labels: str) -> float:
-    return scrape.total(after, name, **labels) - scrape.total(before, name, **labels)
 
 
 @pytest.fixture(params=MODES)
@@ -221,18 +186,12 @@ def grpc_mesh(request: pytest.FixtureRequest, network: Callable[..., Network],
               tmp_path: Path) -> GrpcMesh:
     """client and server hosts, both meshed, with a grpcio server on the server host."""
     mode: str = request.param
-    net = network("client", "server")
-    client = MeshNode(net["client"], iptables_mode=mode)
-    server = MeshNode(net["server"], iptables_mode=mode)
+    net, client, server = meshed_pair(network, mode)
     work = tmp_path / "work"
     work.mkdir()
     (work / "server.py").write_text(GRPC_SERVER)
     (work / "client.py").write_text(GRPC_CLIENT)
     m = GrpcMesh(mode, net, client, server, work, tmp_path / "grpc-server.log")
-    for node in (client, server):
-        node.install_rules()
-    for node in (client, server):
-        node.start_proxy()
     with m.app_log.open("w") as log:
         start_app(server.host, [sys.executable, "-u", str(work / "server.py"),
                                 str(GRPC_PORT)], GRPC_PORT, stdout=log,

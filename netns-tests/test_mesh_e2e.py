@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from meshpair import MeshPair, delta, eventually, meshed_pair
 
 from appliance.telemetry import scrape
 from init.mesh import ECHO_SERVER, PROXY_UID, MeshNode, start_app
@@ -104,27 +104,12 @@ def difference(got: bytes | None, want: bytes) -> str | None:
             f"{got[at:at + 8]!r} != {want[at:at + 8]!r}")
 
 
-@dataclass
-class Mesh:
-    mode: str
-    net: Network
-    client: MeshNode
-    server: MeshNode
-    work: Path
-    app_log: Path
+class Mesh(MeshPair):
+    app_name = "http.server"
 
     @property
     def url(self) -> str:
         return f"http://{self.server.host.addr}:{HTTP_PORT}/{PAGE_NAME}"
-
-    def diag(self, *extra: object) -> str:
-        """What to read when an assertion fails: the given values and every log."""
-        parts = [_brief(e) for e in extra]
-        for node in (self.client, self.server):
-            state = "not running" if node.proc is None else f"exit={node.proc.poll()}"
-            parts.append(f"--- {node.host.name} proxy ({self.mode}, {state}) log:\n{node.log()}")
-        parts.append(f"--- http.server log:\n{self.app_log.read_text(errors='replace')}")
-        return "\n".join(parts)
 
     def curl(self, host: Host, url: str, *, uid: int | None = None,
              keep_body: bool = True) -> Response:
@@ -157,29 +142,10 @@ class Mesh:
         eventually(lambda: self.app_log.read_text(errors="replace").count(line) == times,
                    timeout, lambda: self.diag(f"http.server did not log {line} {times}x"))
 
-    def healthy(self) -> None:
-        for node in (self.client, self.server):
-            assert node.proc is not None and node.proc.poll() is None, self.diag(
-                f"{node.host.name} proxy exited")
-            assert node.ready(), self.diag(f"{node.host.name} proxy not ready")
 
 
-def _brief(value: object) -> str:
-    """A metrics exposition shrunk to its counters; anything else as repr."""
-    if isinstance(value, str) and value.startswith("# HELP"):
-        return "\n".join(line for line in value.splitlines()
-                         if "_total{" in line and not line.startswith("#"))
-    return repr(value)
 
 
-def eventually(check: Callable[[], Any], timeout: float,
-               explain: Callable[[], str]) -> None:
-    """Poll ``check`` until it is true; fail with ``explain()`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"condition not met within {timeout}s\n{explain()}")
-        time.sleep(0.02)
 
 
 def counters(node: MeshNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -188,8 +154,6 @@ def counters(node: MeshNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
             for s in scrape.parse(node.metrics()) if s.name in TRAFFIC_COUNTERS}
 
 
-def delta(before: str, after: str, name: str, **labels: str) -> float:
-    return scrape.total(after, name, **labels) - scrape.total(before, name, **labels)
 
 
 @pytest.fixture(params=MODES)
@@ -197,19 +161,13 @@ def mesh(request: pytest.FixtureRequest, network: Callable[..., Network],
          tmp_path: Path) -> Mesh:
     """client and server hosts, both meshed, with http.server and an echo server."""
     mode: str = request.param
-    net = network("client", "server")
-    client = MeshNode(net["client"], iptables_mode=mode)
-    server = MeshNode(net["server"], iptables_mode=mode)
+    net, client, server = meshed_pair(network, mode)
     www = tmp_path / "www"
     www.mkdir()
     (www / PAGE_NAME).write_bytes(PAGE)
     work = tmp_path / "work"
     work.mkdir()
     m = Mesh(mode, net, client, server, work, tmp_path / "http.log")
-    for node in (client, server):
-        node.install_rules()
-    for node in (client, server):
-        node.start_proxy()
     with m.app_log.open("w") as log:
         start_app(server.host, [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT),
                                 "--bind", "0.0.0.0", "--directory", str(www)],
