@@ -67,15 +67,21 @@ def grpc_headers(path: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, 
             (b"te", b"trailers"), *extra]
 
 
-def attack(port: int, script, *, timeout: float = 10.0) -> tuple[int | None, list]:
-    """Run ``script(conn)`` (which queues frames on a lenient client connection), send it
-    all in one write, and read until the server's GOAWAY or close. Returns the GOAWAY error
-    code (None if there was none) and the events seen."""
+def _lenient_client(script) -> h2.connection.H2Connection:
+    """A client connection that sends what it is told, valid or not, queued by script."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(
         client_side=True, header_encoding=None, validate_outbound_headers=False,
         normalize_outbound_headers=False, validate_inbound_headers=False))
     conn.initiate_connection()
     script(conn)
+    return conn
+
+
+def attack(port: int, script, *, timeout: float = 10.0) -> tuple[int | None, list]:
+    """Run ``script(conn)`` (which queues frames on a lenient client connection), send it
+    all in one write, and read until the server's GOAWAY or close. Returns the GOAWAY error
+    code (None if there was none) and the events seen."""
+    conn = _lenient_client(script)
     events: list = []
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(conn.data_to_send())
@@ -100,11 +106,7 @@ def attack(port: int, script, *, timeout: float = 10.0) -> tuple[int | None, lis
 
 def exchange(port: int, script, *, until_stream: int, timeout: float = 10.0) -> list:
     """Like attack(), but read until ``until_stream`` ends (or is reset)."""
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, header_encoding=None, validate_outbound_headers=False,
-        normalize_outbound_headers=False, validate_inbound_headers=False))
-    conn.initiate_connection()
-    script(conn)
+    conn = _lenient_client(script)
     events: list = []
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(conn.data_to_send())

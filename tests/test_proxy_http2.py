@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -26,23 +27,30 @@ pytestmark = pytest.mark.skipif(shutil.which("nghttpd") is None or shutil.which(
                                 is None, reason="needs nghttp2-server and nghttp2-client")
 
 
-@pytest.fixture
-def nghttpd(tmp_path) -> Iterator[tuple[int, str]]:
-    """nghttpd serving a directory over h2c (prior knowledge)."""
-    (tmp_path / "index.html").write_bytes(b"hello h2\n")
-    (tmp_path / "big.bin").write_bytes(os.urandom(3_000_000))
+@contextmanager
+def nghttpd_serving(directory: str) -> Iterator[int]:
+    """nghttpd (a real HTTP/2 server) serving ``directory`` over h2c on a free port."""
     port = free_port()
-    proc = subprocess.Popen(["nghttpd", "--no-tls", "-d", str(tmp_path), str(port)],
+    proc = subprocess.Popen(["nghttpd", "--no-tls", "-d", directory, str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def up() -> bool:
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
         wait_for(up, what="nghttpd")
-        yield port, str(tmp_path)
+        yield port
     finally:
         proc.terminate()
         proc.wait()
+
+
+@pytest.fixture
+def nghttpd(tmp_path) -> Iterator[tuple[int, str]]:
+    """nghttpd serving a small page and a 3 MB file."""
+    (tmp_path / "index.html").write_bytes(b"hello h2\n")
+    (tmp_path / "big.bin").write_bytes(os.urandom(3_000_000))
+    with nghttpd_serving(str(tmp_path)) as port:
+        yield port, str(tmp_path)
 
 
 @pytest.fixture
@@ -109,26 +117,33 @@ def _bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[
         yield r.upper()
 
 
-@pytest.fixture
-def grpc_server() -> Iterator[int]:
+@contextmanager
+def grpc_service(name: str, handlers: dict[str, Any], *,
+                 with_health: bool = False) -> Iterator[int]:
+    """A grpcio server on a free loopback port with generic handlers (no protoc)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(_echo_unary),
-        "StreamOut": grpc.unary_stream_rpc_method_handler(_stream_out),
-        "StreamIn": grpc.stream_unary_rpc_method_handler(_stream_in),
-        "Bidi": grpc.stream_stream_rpc_method_handler(_bidi),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo",
-                                                                          handlers),))
-    health_servicer = health.HealthServicer()
-    health_servicer.set("test.Echo", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    if with_health:
+        health_servicer = health.HealthServicer()
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         yield port
     finally:
         server.stop(0)
+
+
+@pytest.fixture
+def grpc_server() -> Iterator[int]:
+    with grpc_service("test.Echo", {
+        "Unary": grpc.unary_unary_rpc_method_handler(_echo_unary),
+        "StreamOut": grpc.unary_stream_rpc_method_handler(_stream_out),
+        "StreamIn": grpc.stream_unary_rpc_method_handler(_stream_in),
+        "Bidi": grpc.stream_stream_rpc_method_handler(_bidi),
+    }, with_health=True) as port:
+        yield port
 
 
 def test_grpc_unary_streaming_and_health_through_the_proxy(grpc_server: int) -> None:
@@ -190,17 +205,11 @@ def _remaining(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 @pytest.fixture
 def grpc_timing_server() -> Iterator[int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    handlers = {"Slow": grpc.unary_unary_rpc_method_handler(_slow),
-                "Remaining": grpc.unary_unary_rpc_method_handler(_remaining)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Time",
-                                                                          handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with grpc_service("test.Time", {
+        "Slow": grpc.unary_unary_rpc_method_handler(_slow),
+        "Remaining": grpc.unary_unary_rpc_method_handler(_remaining),
+    }) as port:
         yield port
-    finally:
-        server.stop(0)
 
 
 def test_grpc_timeout_is_forwarded(grpc_timing_server: int) -> None:
@@ -264,15 +273,10 @@ class _Counting:
 @pytest.fixture
 def counting_server() -> Iterator[tuple[int, _Counting]]:
     counter = _Counting()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Count", {"Call": grpc.unary_unary_rpc_method_handler(counter.handler)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with grpc_service("test.Count", {
+        "Call": grpc.unary_unary_rpc_method_handler(counter.handler),
+    }) as port:
         yield port, counter
-    finally:
-        server.stop(0)
 
 
 def test_rapid_reset_gets_enhance_your_calm(counting_server: tuple[int, _Counting]) -> None:
@@ -427,14 +431,7 @@ def test_slow_reader_bounds_what_the_proxy_reads_and_holds(tmp_path: Any) -> Non
     stops reading the 50 MB response from upstream (end-to-end flow control) and its
     memory stays flat."""
     (tmp_path / "huge.bin").write_bytes(b"z" * 50_000_000)
-    port = free_port()
-    server = subprocess.Popen(["nghttpd", "--no-tls", "-d", str(tmp_path), str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        def up() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-        wait_for(up, what="nghttpd")
+    with nghttpd_serving(str(tmp_path)) as port:
         with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
             rss_before = p.peak_rss_kib()
             conn = h2.connection.H2Connection(h2.config.H2Configuration(
@@ -463,9 +460,6 @@ def test_slow_reader_bounds_what_the_proxy_reads_and_holds(tmp_path: Any) -> Non
                 wait_for(settled, timeout=10, interval=0.3, what="upstream reads to stop")
                 assert last[0] < 1_000_000, f"proxy read {last[0]:.0f} bytes upstream"
                 assert (p.peak_rss_kib() - rss_before) / 1024 < 16
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def test_streams_past_the_upstream_limit_use_more_connections(h2mesh: ProxyProcess) -> None:
