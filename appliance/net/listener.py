@@ -20,7 +20,8 @@ from typing import Any
 from appliance.config import Config
 from appliance.net.addr import OrigDst, is_loopback, local_addr, original_dst
 from appliance.net.http1 import Http1Server, Pool
-from appliance.net.http2 import H2Pool, Http2Server
+from appliance.net.http2 import Http2Server
+from appliance.net.http2_upstream import H2Pool
 from appliance.net.relay import Relay
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
