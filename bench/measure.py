@@ -113,8 +113,17 @@ def foreign_load(seconds: float = 1.0) -> float:
 
 # --- wrk --------------------------------------------------------------------------------
 
+class _Summarised:
+    """What the JSON report keeps of a load generator's result: all but its raw output."""
+
+    def summary(self) -> dict[str, object]:
+        d = asdict(self)  # type: ignore[call-overload]
+        d.pop("raw")
+        return d
+
+
 @dataclass
-class WrkResult:
+class WrkResult(_Summarised):
     requests: int
     seconds: float
     rps: float
@@ -137,11 +146,6 @@ class WrkResult:
         if self.requests == 0:
             out.append("no requests completed")
         return out
-
-    def summary(self) -> dict[str, object]:
-        d = asdict(self)
-        d.pop("raw")
-        return d
 
 
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -192,7 +196,7 @@ def run_wrk(wrk: str, url: str, duration_s: float, connections: int, core: int) 
 # --- h2load (h2c) ---------------------------------------------------------------------------
 
 @dataclass
-class H2loadResult:
+class H2loadResult(_Summarised):
     requests: int  # done: completed with a response or an error, in the measured time
     seconds: float
     rps: float
@@ -218,11 +222,6 @@ class H2loadResult:
         if self.requests == 0:
             out.append("no requests completed")
         return out
-
-    def summary(self) -> dict[str, object]:
-        d = asdict(self)
-        d.pop("raw")
-        return d
 
 
 _H2_REQUESTS = re.compile(
