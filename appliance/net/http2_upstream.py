@@ -64,7 +64,9 @@ class Http2Upstream(asyncio.Protocol):
         limit = self.conn.remote_settings.max_concurrent_streams
         if not self.settings_seen:
             limit = min(limit, 100)
-        return limit - self.conn.open_outbound_streams
+        # Our own count: h2's open_outbound_streams walks every stream on each call. Where
+        # the two differ, h2's send_headers refuses and open() finds another connection.
+        return limit - len(self.streams)
 
     @property
     def full(self) -> bool:
