@@ -123,7 +123,8 @@ class H2Stream:
 
 def to_upstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
     if stream.done:
-        stream.server.conn.acknowledge_received_data(length, stream.sid) if length else None
+        if length:  # the stream is over: give the sender its credit back, drop the data
+            stream.server.conn.acknowledge_received_data(length, stream.sid)
         return
     if stream.up is None:
         stream.early.append((data, end, length))
