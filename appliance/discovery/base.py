@@ -16,10 +16,11 @@ traffic down; the outage is a metric and a log line (see each namer).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 Name = tuple[str, ...]
 _NO_META: Mapping[str, str] = MappingProxyType({})
@@ -111,3 +112,17 @@ class Namer:
 
     def close(self) -> None:
         """Stop every source this namer started."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamerContext:
+    """What a namer gets from the proxy: where to run its sources and where to report.
+
+    ``spawn`` starts a coroutine as a task the proxy keeps referenced and cancels at
+    shutdown; ``report(namer, name, ok, error)`` is called on each success or failure of a
+    source (the proxy turns it into the ``discovery_*`` metrics and one log line per
+    outage); ``clock`` is monotonic seconds."""
+
+    spawn: Callable[[Any], Any]
+    report: Callable[[str, Name, bool, str], None] = lambda namer, name, ok, error: None
+    clock: Callable[[], float] = time.monotonic
