@@ -54,6 +54,12 @@ class OutboundConfig:
     """Destination used when a connection has no original destination (it was not
     redirected by iptables). Off by default, so such a connection is refused; set it to
     run the outbound listener as a plain forwarding proxy (tests, benchmarks)."""
+    h2_upstream_ports: frozenset[int] = frozenset()
+    """Ports (of the original destination or endpoint) whose servers speak HTTP/2 with
+    prior knowledge (h2c): HTTP/1.1 requests to them are translated to HTTP/2."""
+    http1_upstream_ports: frozenset[int] = frozenset()
+    """Ports whose servers speak only HTTP/1.1: HTTP/2 requests to them (not gRPC) are
+    translated to HTTP/1.1."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +75,12 @@ class InboundConfig:
     address (for apps that listen on loopback only)."""
     orig_dst_override: HostPort | None = None
     """As for outbound: where to send connections that have no original destination."""
+    h2_upstream_ports: frozenset[int] = frozenset()
+    """Ports of the local workload that speak HTTP/2 with prior knowledge (h2c): HTTP/1.1
+    requests to them are translated to HTTP/2."""
+    http1_upstream_ports: frozenset[int] = frozenset()
+    """Ports of the local workload that speak only HTTP/1.1: HTTP/2 requests to them are
+    translated to HTTP/1.1."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,7 +263,7 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
         return _parse_bind(name, value)
     if leaf in _DURATION_FIELDS:
         return parse_duration(name, value)
-    if leaf == "opaque_ports":
+    if leaf in ("opaque_ports", "h2_upstream_ports", "http1_upstream_ports"):
         return parse_port_set(name, value)
     if leaf == "log_level":
         text = str(value).strip().lower()
