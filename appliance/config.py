@@ -142,6 +142,46 @@ class H2Config:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    dtab: str = ""
+    """Base dtab for outbound HTTP and HTTP/2 requests (linkerd syntax, docs/routing.md).
+    Empty: no logical routing, every request goes to its original destination."""
+    identifier: str = "host,dst"
+    """How a request gets its logical name, tried in order until one gives a name:
+    ``host`` (``/svc/<authority>``), ``method_and_host``, ``path``, ``header:<name>``
+    (the value is a path), ``header_token:<name>`` (``/svc/<value>``), ``dst`` (the
+    original destination, ``/svc/<ip>:<port>``)."""
+    prefix: str = "/svc"
+    """Path prefix of the logical names the identifiers make."""
+    path_segments: int = 1
+    """For the ``path`` identifier: how many leading path segments name the service."""
+    allow_overrides: bool = True
+    """Honour per-request dtab overrides (``l5d-dtab``, ``l5d-ctx-dtab`` headers). Turn off
+    on proxies that take requests from outside the mesh."""
+    fallback: str = "orig_dst"
+    """When a name delegates to nothing (no dentry matches, or every branch is negative):
+    ``orig_dst`` sends the request to its original destination, as with no dtab;
+    ``fail`` answers 502 with ``l5d-proxy-error``."""
+    bind_timeout: float = 10.0
+    """Seconds a request waits for service discovery to answer for a name it is the first
+    to use; then 503."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalancerConfig:
+    kind: str = "p2c_peak_ewma"
+    """Load balancer per service: ``p2c_peak_ewma`` (linkerd's default: power of two
+    choices over peak-EWMA latency), ``p2c_least_loaded`` or ``round_robin``."""
+    decay: float = 10.0
+    """Peak-EWMA decay time in seconds."""
+    default_rtt: float = 0.03
+    """Latency assumed for an endpoint with no measurement yet, in seconds."""
+    consecutive_failures: int = 7
+    """Failures in a row that eject an endpoint (failure accrual); it is probed again after
+    a jittered backoff from 1 s to 60 s."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
@@ -149,6 +189,12 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     h2: H2Config = field(default_factory=H2Config)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    namers: tuple[Mapping[str, Any], ...] = ()
+    """Service-discovery sources, each a mapping with ``kind`` (``static``, ``io.l5d.fs``,
+    ``dns``, ``dns-srv``, ``io.l5d.consul``, ``io.l5d.k8s``) and its options
+    (docs/discovery.md). A dtab reaches one as ``/#/<kind>`` (or its ``prefix``)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
     instance_id: str = ""
@@ -161,8 +207,12 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 _DURATION_FIELDS = {"connect_timeout", "timeout", "header_timeout", "response_timeout",
                     "idle_timeout", "pool_idle_timeout", "keepalive_interval",
-                    "keepalive_timeout"}
+                    "keepalive_timeout", "decay", "default_rtt", "bind_timeout"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_CHOICES = {
+    "fallback": ("orig_dst", "fail"),
+    "kind": ("p2c_peak_ewma", "p2c_least_loaded", "round_robin"),
+}
 
 
 def parse_duration(name: str, value: Any) -> float:
@@ -270,6 +320,13 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
         if text not in _LOG_LEVELS:
             raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_LOG_LEVELS)}")
         return text
+    if leaf in _CHOICES:
+        text = str(value).strip()
+        if text not in _CHOICES[leaf]:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_CHOICES[leaf])}")
+        return text
+    if leaf == "namers":
+        return parse_namers(name, value)
     if hint is bool:
         return parse_bool(name, value)
     if hint is int:
@@ -279,6 +336,23 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
     if hint is str:
         return str(value)
     raise ConfigError(f"{name}: unsupported field type")  # a bug, not user input
+
+
+def parse_namers(name: str, value: Any) -> tuple[Mapping[str, Any], ...]:
+    """A list of namer mappings; from an environment variable, YAML or JSON text."""
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value) if value.strip() else []
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: not valid YAML/JSON ({exc})") from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{name}: expected a list of namers, got {value!r}")
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or not isinstance(item.get("kind"), str):
+            raise ConfigError(f"{name}[{i}]: expected a mapping with a 'kind', got {item!r}")
+    return tuple(dict(item) for item in value)
 
 
 def _is_hostport(hint: Any) -> bool:
