@@ -41,6 +41,7 @@ class Proxy:
         for name, side in (("outbound", conf.outbound), ("inbound", conf.inbound)):
             d = Direction(name, conf, self.registry, self.instance_id, loop)
             self.directions.append(d)
+            d.start_router()
             self.servers.append(await start_listener(d, side.bind, side.port))
         routes = {
             "/metrics": self._metrics,
@@ -93,6 +94,7 @@ class Proxy:
                 h2conn.close()
             d.pool.close_all()
             d.h2pool.close_all()
+            d.close_router()
             for task in list(d.tasks):
                 task.cancel()
         self.stopped.set()
@@ -115,6 +117,9 @@ async def _main(config: Config) -> int:
     except OSError as exc:
         log.error("cannot listen: %s", exc)
         return 1
+    except ValueError as exc:  # a namer or routing option the config check cannot see
+        log.error("config error: %s", exc)
+        return 2
     ports = proxy.bound_ports()
     log.info("appliance %s (instance %s, pid %d, uid %d): outbound %s:%d, inbound %s:%d, "
              "admin %s:%d", __version__, proxy.instance_id, os.getpid(), os.getuid(),

@@ -41,6 +41,7 @@ from appliance.protocols.http1_response import ResponseHead, ResponseParser, rew
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
+    from appliance.routing.router import Pending, Router, Target
 
 # Reasons the client side is paused; reading resumes when none is left.
 _PIPELINE = 1
@@ -311,7 +312,7 @@ class Exchange:
         "server", "d", "head", "started", "up", "pending", "pending_len", "request_done",
         "response_started", "response_head", "close_delimited",
         "keep_client", "waiting_since", "reused", "retried", "body_sent", "tunnel_early",
-        "finished", "interim",
+        "finished", "interim", "dst", "target",
     )
 
     def __init__(self, server: Http1Server, head: RequestHead) -> None:
@@ -334,13 +335,66 @@ class Exchange:
         self.tunnel_early = b""
         self.finished = False
         self.interim = False
+        self.dst = server.dst  # the endpoint, once routed
+        self.target: Target | None = None  # the router's pick, when routing is on
 
     # --- request side ------------------------------------------------------------------
     def start(self) -> None:
+        router = self.d.router
+        if router is not None and not self.route(router):
+            return
+        self.send()
+
+    def route(self, router: Router) -> bool:
+        """Pick the endpoint (logical routing); False if the exchange cannot go on now."""
+        from appliance.net.route import route_http1
+        from appliance.routing.router import Pending, RouteError
+
+        try:
+            routed = route_http1(router, self.head, self.server.dst,
+                                 self.d.config.routing.allow_overrides)
+        except RouteError as exc:
+            self.d.registry.error(self.d.name, exc.kind)
+            self.fail(exc.status, str(exc), "proxy")
+            return False
+        if isinstance(routed, Pending):
+            self.server.pause(_CONNECTING)
+            self.d.spawn(self.await_discovery(router, routed))
+            return False
+        self.target = routed
+        self.dst = routed.dst
+        return True
+
+    async def await_discovery(self, router: Router, pending: Pending) -> None:
+        from appliance.routing.router import Pending, RouteError
+
+        try:
+            await pending.wait(self.d.config.routing.bind_timeout)
+        except TimeoutError:
+            pass
+        if self.finished:
+            return
+        self.server.resume(_CONNECTING)
+        try:
+            routed = router.again(pending)
+        except RouteError as exc:
+            self.d.registry.error(self.d.name, exc.kind)
+            self.fail(exc.status, str(exc), "proxy")
+            return
+        if isinstance(routed, Pending):
+            self.d.registry.error(self.d.name, "discovery_timeout")
+            self.fail(503, "service discovery has not answered for "
+                           f"{'/'.join(pending.service.id)}", "proxy")
+            return
+        self.target = routed
+        self.dst = routed.dst
+        self.send()
+
+    def send(self) -> None:
         head = self.head
         tunnel = head.method == b"CONNECT" or head.upgrade is not None
         self.pending = [serialize_request(head, self.d.via, upgrade=tunnel)]
-        up = self.d.pool.take(self.server.dst)
+        up = self.d.pool.take(self.dst)
         if up is not None:
             self.reused = True
             self.attach(up)
@@ -350,7 +404,7 @@ class Exchange:
 
     async def connect(self) -> None:
         d = self.d
-        dst = self.server.dst
+        dst = self.dst
         try:
             _, up = await asyncio.wait_for(
                 d.loop.create_connection(lambda: Http1Upstream(d, dst), d.connect_host(dst),
@@ -471,6 +525,8 @@ class Exchange:
             return  # the tunnel takes over in upgraded()
         self.finished = True
         self.d.http.response(rh.status, self.d.loop.time() - self.started)
+        if self.target is not None:
+            self.target.done(rh.status < 500)
         self.release()
 
     def release(self) -> None:
@@ -507,7 +563,9 @@ class Exchange:
         up.detach()
         up.detach_for_tunnel()
         server.detach_for_tunnel()
-        relay = Relay(self.d, server.transport, self.server.dst, "tunnel", b"")
+        if self.target is not None:
+            self.target.done(True)
+        relay = Relay(self.d, server.transport, self.dst, "tunnel", b"")
         relay.join(up.transport, to_up=self.tunnel_early, to_down=rest)
 
     # --- failures ----------------------------------------------------------------------
@@ -516,7 +574,7 @@ class Exchange:
         self.waiting_since = 0.0
         self.d.registry.error(self.d.name, "response_timeout")
         self.discard_upstream()
-        self.fail(504, f"upstream timeout: no response from {self.server.dst} within "
+        self.fail(504, f"upstream timeout: no response from {self.dst} within "
                        f"{self.d.config.http.response_timeout:g}s", "timeout")
 
     def upstream_failed(self, cause: str, *, clean_close: bool = False) -> None:
@@ -551,6 +609,8 @@ class Exchange:
     def fail(self, status: int, cause: str, kind: str) -> None:
         self.waiting_since = 0.0
         self.finished = True
+        if self.target is not None:
+            self.target.done(False)
         self.discard_upstream()
         server = self.server
         if self.response_started:
@@ -572,6 +632,8 @@ class Exchange:
         self.waiting_since = 0.0
         if not self.finished:
             self.finished = True
+            if self.target is not None:
+                self.target.done(True)  # the client left: not the endpoint's failure
             self.discard_upstream()
 
 

@@ -57,6 +57,19 @@ class Direction:
         self.h2_conns: set[Http2Server] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self._tcp: dict[tuple[str, str], TcpStats] = {}
+        self.router: Any = None  # the Router, set by start_router() when a dtab is set
+
+    def start_router(self) -> None:
+        """Build the logical router (outbound with a dtab only); needs the running loop."""
+        if self.name == "outbound" and self.config.routing.dtab.strip():
+            from appliance.net.route import build_router
+
+            self.router = build_router(self)
+
+    def close_router(self) -> None:
+        if self.router is not None:
+            self.router.close()
+            self.router = None
 
     def tcp_stats(self, protocol: str, peer: str) -> TcpStats:
         key = (protocol, peer)

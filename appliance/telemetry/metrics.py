@@ -72,6 +72,7 @@ class Registry:
         self._http: dict[tuple[tuple[str, str], ...], HttpStats] = {}
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
         self.errors: dict[tuple[str, str], int] = {}
+        self.discovery_results: dict[tuple[str, str], int] = {}
         self.start_time = time.time()
 
     def http(self, direction: str, protocol: str = "http/1") -> HttpStats:
@@ -93,12 +94,18 @@ class Registry:
         key = (direction, kind)
         self.errors[key] = self.errors.get(key, 0) + 1
 
+    def discovery(self, namer: str, ok: bool) -> None:
+        """Count one answer (or failure) of a service-discovery source."""
+        key = (namer, "ok" if ok else "error")
+        self.discovery_results[key] = self.discovery_results.get(key, 0) + 1
+
     # --- exposition ----------------------------------------------------------------------
     def render(self) -> str:
         out: list[str] = []
         self._render_http(out)
         self._render_tcp(out)
         self._render_errors(out)
+        self._render_discovery(out)
         _render_process(out, self.start_time)
         return "\n".join(out) + "\n"
 
@@ -153,6 +160,14 @@ class Registry:
                 "Connections or requests the proxy refused or failed, by cause.")
         for (direction, kind), n in sorted(self.errors.items()):
             out.append(f"proxy_errors_total{_fmt((('direction', direction), ('error', kind)))}"
+                       f" {n}")
+
+    def _render_discovery(self, out: list[str]) -> None:
+        _family(out, "discovery_updates_total", "counter",
+                "Answers (result=ok) and failures (result=error) of service-discovery "
+                "sources; while a source fails, its last good addresses stay in use.")
+        for (namer, result), n in sorted(self.discovery_results.items()):
+            out.append(f"discovery_updates_total{_fmt((('namer', namer), ('result', result)))}"
                        f" {n}")
 
 

@@ -1,0 +1,219 @@
+"""The per-request router: logical name -> concrete (bound) name -> endpoint.
+
+Theory of operation, in linkerd's three stages:
+
+1. **Logical.** An identifier turns the request into a logical name such as
+   ``/svc/web:8080`` (:mod:`appliance.routing.identify`).
+2. **Concrete.** The base dtab, plus the request's ``l5d-dtab`` override if overrides are
+   allowed, delegates that name into a tree of bound names (:func:`bind`); the tree is
+   cached per (name, override). Per request, :func:`choose` takes one branch: a weighted
+   union is a traffic split, an alternation falls back to the next branch while a branch
+   has no addresses.
+3. **Endpoint.** Each bound name is a :class:`Service`: a discovery :class:`Watch` feeding
+   a balancer. The balancer picks the endpoint; the data path reports back when the
+   response ends (:meth:`Target.done`) so latency and failures reach the balancer and
+   failure accrual.
+
+A name that delegates to nothing goes to the connection's original destination (the
+transparent default) unless ``routing.fallback`` is ``fail``. A service whose discovery has
+not answered yet makes the request wait (at most ``routing.bind_timeout``): :meth:`route`
+returns a :class:`Pending` and the data path awaits :meth:`Pending.wait`.
+
+With no dtab configured the proxy has no router at all and pays nothing per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from appliance.routing.delegate import DelegationError, bind, choose
+from appliance.routing.dtab import Dtab
+from appliance.routing.identify import RequestView
+from appliance.routing.nametree import Bound
+from appliance.routing.path import Path, show_path
+
+from appliance.discovery.base import PENDING, Address, AddrState, Namer, Watch, bound
+from appliance.net.addr import OrigDst
+
+_BIND_CACHE_MAX = 4096
+
+
+class RouteError(Exception):
+    """The request cannot be routed: answer ``status`` with ``l5d-proxy-error``."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind  # the proxy_errors_total label
+
+
+class Target:
+    """Where one request goes, and the handle to report its outcome."""
+
+    __slots__ = ("dst", "service", "endpoint", "started", "name", "reported")
+
+    def __init__(self, dst: OrigDst, service: Service | None, endpoint: Any, name: str,
+                 started: float) -> None:
+        self.dst = dst
+        self.service = service
+        self.endpoint = endpoint
+        self.name = name  # the logical name, for logs and headers
+        self.started = started
+        self.reported = False
+
+    def done(self, ok: bool) -> None:
+        """The response ended (``ok``: not a failure by the classifier); once per target."""
+        if self.reported or self.service is None:
+            return
+        self.reported = True
+        self.service.balancer.finish(self.endpoint, self.started, ok)
+
+
+class Pending:
+    """Discovery has not answered yet for a service this request needs; once it has,
+    :meth:`Router.again` routes the same request."""
+
+    def __init__(self, service: Service, view: RequestView, override: Dtab | None,
+                 override_text: str) -> None:
+        self.service = service
+        self.view = view
+        self.override = override
+        self.override_text = override_text
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.wait_for(asyncio.shield(self.service.ready()), timeout)
+
+
+class Service:
+    """One bound name: its discovery watch and its balancer."""
+
+    def __init__(self, id: Path, watch: Watch, balancer: Any) -> None:
+        self.id = id
+        self.balancer = balancer
+        self.state: AddrState = PENDING
+        self._ready: asyncio.Future[None] | None = None
+        self.unsubscribe = watch.subscribe(self.update)
+
+    def update(self, state: AddrState) -> None:
+        self.state = state
+        if state.kind == "bound":
+            self.balancer.update({a.key: (a.weight, a.meta) for a in state.addrs})
+        elif state.kind == "neg":
+            self.balancer.update({})
+        if state.kind != "pending" and self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
+
+    @property
+    def pending(self) -> bool:
+        return self.state.kind == "pending"
+
+    @property
+    def usable(self) -> bool:
+        return self.state.kind == "bound" and bool(self.state.addrs)
+
+    def ready(self) -> asyncio.Future[None]:
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            if not self.pending:
+                self._ready.set_result(None)
+        return self._ready
+
+
+class Router:
+    """Routes requests of one direction; one per proxy direction that has a dtab."""
+
+    def __init__(self, *, dtab: Dtab, identify: Callable[[RequestView], Path | None],
+                 namers: Mapping[Path, Namer], make_balancer: Callable[[], Any],
+                 allow_overrides: bool = True, fallback_orig_dst: bool = True,
+                 rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.dtab = dtab
+        self.identify = identify
+        self.namers = dict(namers)
+        self.segments = {prefix: namer.segments for prefix, namer in self.namers.items()}
+        self.make_balancer = make_balancer
+        self.allow_overrides = allow_overrides
+        self.fallback_orig_dst = fallback_orig_dst
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.services: dict[Path, Service] = {}
+        self._bound: dict[tuple[Path, str], Any] = {}
+
+    def route(self, view: RequestView, override: Dtab | None = None,
+              override_text: str = "") -> Target | Pending:
+        """Pick the endpoint for one request (raises :class:`RouteError`)."""
+        path = self.identify(view)
+        if path is None:
+            return self.fallback(view, "no name for the request")
+        tree = self.bind(path, override if self.allow_overrides else None, override_text)
+        pending: list[Service] = []
+
+        def usable(b: Bound) -> bool:
+            service = self.service(b.id)
+            if service.pending:
+                pending.append(service)
+            return service.usable
+
+        chosen = choose(tree, self.rng, usable)
+        if chosen is None:
+            if pending:
+                return Pending(pending[0], view, override, override_text)
+            return self.fallback(view, f"{show_path(path)} delegates to no usable name")
+        service = self.services[chosen.id]
+        endpoint = service.balancer.pick()
+        if endpoint is None:
+            raise RouteError(503, f"no endpoint available for {show_path(chosen.id)} "
+                                  "(all ejected by failure accrual)", "unavailable")
+        host, port = endpoint.key
+        started = service.balancer.start(endpoint)
+        return Target(OrigDst(host, port), service, endpoint, show_path(path), started)
+
+    def again(self, pending: Pending) -> Target | Pending:
+        return self.route(pending.view, pending.override, pending.override_text)
+
+    def fallback(self, view: RequestView, why: str) -> Target:
+        if self.fallback_orig_dst and view.dst is not None:
+            return Target(OrigDst(*view.dst), None, None, "", 0.0)
+        raise RouteError(502, f"no route: {why}", "no_route")
+
+    def bind(self, path: Path, override: Dtab | None, override_text: str) -> Any:
+        key = (path, override_text if override is not None else "")
+        tree = self._bound.get(key)
+        if tree is None:
+            dtab = self.dtab + override if override is not None else self.dtab
+            try:
+                tree = bind(dtab, path, self.segments)
+            except DelegationError as exc:
+                raise RouteError(502, f"no route: {exc}", "no_route") from None
+            if len(self._bound) >= _BIND_CACHE_MAX:
+                self._bound.clear()
+            self._bound[key] = tree
+        return tree
+
+    def service(self, id: Path) -> Service:
+        service = self.services.get(id)
+        if service is None:
+            service = self.services[id] = Service(id, self.watch(id), self.make_balancer())
+        return service
+
+    def watch(self, id: Path) -> Watch:
+        if len(id) == 4 and id[:2] == ("$", "inet"):
+            try:
+                return Watch(bound([Address(id[2], int(id[3]))]))
+            except ValueError:
+                return Watch(AddrState("neg"))
+        for prefix, namer in self.namers.items():
+            if id[:len(prefix)] == prefix:
+                return namer.watch(id[len(prefix):])
+        return Watch(AddrState("neg"))
+
+    def close(self) -> None:
+        for service in self.services.values():
+            service.unsubscribe()
+        self.services.clear()
+        for namer in self.namers.values():
+            namer.close()
