@@ -54,6 +54,10 @@ class OutboundConfig:
     """Destination used when a connection has no original destination (it was not
     redirected by iptables). Off by default, so such a connection is refused; set it to
     run the outbound listener as a plain forwarding proxy (tests, benchmarks)."""
+    explicit_proxy: bool = True
+    """Also serve requests that apps send to this listener on purpose, as to an HTTP proxy
+    (``http_proxy=http://127.0.0.1:4140``): absolute-URI requests and CONNECT tunnels.
+    Only from clients on loopback, so the listener is never an open proxy."""
     h2_upstream_ports: frozenset[int] = frozenset()
     """Ports (of the original destination or endpoint) whose servers speak HTTP/2 with
     prior knowledge (h2c): HTTP/1.1 requests to them are translated to HTTP/2."""

@@ -34,6 +34,7 @@ from appliance.protocols.http1 import (
     chunk,
     error_response,
     last_chunk,
+    proxy_target,
     response_has_body,
     serialize_request,
 )
@@ -54,10 +55,12 @@ _HOLD_LIMIT = 64 * 1024
 class Http1Server(asyncio.Protocol):
     """The client-facing side of an HTTP/1 connection."""
 
-    def __init__(self, d: Direction, transport: Any, dst: OrigDst) -> None:
+    def __init__(self, d: Direction, transport: Any, dst: OrigDst, *,
+                 explicit: bool = False) -> None:
         self.d = d
         self.transport = transport
         self.dst = dst
+        self.explicit = explicit  # requests name their destination: we are an http_proxy
         conf = d.config.http
         self.parser = RequestParser(self, max_header_bytes=conf.max_header_bytes,
                                     max_uri_bytes=conf.max_uri_bytes)
@@ -340,10 +343,37 @@ class Exchange:
 
     # --- request side ------------------------------------------------------------------
     def start(self) -> None:
+        if self.server.explicit and not self.explicit_target():
+            return
         router = self.d.router
         if router is not None and not self.route(router):
             return
         self.send()
+
+    def explicit_target(self) -> bool:
+        """An explicit proxy request: its destination is in its target (absolute URI or
+        CONNECT authority); the target sent on is the origin form."""
+        head = self.head
+        try:
+            host, port, path = proxy_target(head)
+        except HttpError as exc:
+            self.d.registry.error(self.d.name, "explicit_bad_target")
+            self.fail(exc.status, exc.reason, "proxy")
+            return False
+        dst = OrigDst(host, port)
+        if self.d.loops_back(dst, self.server.dst.host) or (host.lower() == "localhost" \
+                and port in self.d.own_ports):
+            self.d.registry.error(self.d.name, "loop")
+            self.fail(502, f"request loop: {dst} is this proxy", "proxy")
+            return False
+        self.dst = dst
+        if head.method != b"CONNECT":
+            head.target = path
+            if head.host is None:
+                authority = host if port == 80 else f"{host}:{port}"
+                head.headers.append((b"host", authority.encode("latin-1")))
+                head.host = authority.encode("latin-1")
+        return True
 
     def route(self, router: Router) -> bool:
         """Pick the endpoint (logical routing); False if the exchange cannot go on now."""
@@ -351,7 +381,7 @@ class Exchange:
         from appliance.routing.router import Pending, RouteError
 
         try:
-            routed = route_http1(router, self.head, self.server.dst,
+            routed = route_http1(router, self.head, self.dst,
                                  self.d.config.routing.allow_overrides)
         except RouteError as exc:
             self.d.registry.error(self.d.name, exc.kind)
@@ -392,6 +422,10 @@ class Exchange:
 
     def send(self) -> None:
         head = self.head
+        if self.server.explicit and head.method == b"CONNECT":
+            self.server.pause(_CONNECTING)
+            self.d.spawn(self.connect())  # a tunnel of ours: a fresh connection, no request
+            return
         tunnel = head.method == b"CONNECT" or head.upgrade is not None
         self.pending = [serialize_request(head, self.d.via, upgrade=tunnel)]
         up = self.d.pool.take(self.dst)
@@ -423,7 +457,23 @@ class Exchange:
             d.pool.put(up)
             return
         self.server.resume(_CONNECTING)
+        if self.server.explicit and self.head.method == b"CONNECT":
+            self.open_tunnel(up)
+            return
         self.attach(up)
+
+    def open_tunnel(self, up: Http1Upstream) -> None:
+        """CONNECT to us as an explicit proxy: the connection is up, say so and relay."""
+        self.finished = True
+        self.d.http.response(200, self.d.loop.time() - self.started)
+        if self.target is not None:
+            self.target.done(True)
+        up.detach_for_tunnel()
+        self.server.detach_for_tunnel()
+        relay = Relay(self.d, self.server.transport, self.dst, "tunnel", b"")
+        relay.join(up.transport, to_up=self.tunnel_early,
+                   to_down=b"HTTP/1.1 200 Connection established\r\nvia: " + self.d.via
+                   + b"\r\n\r\n")
 
     def connect_failed(self, kind: str, cause: str) -> None:
         self.d.registry.error(self.d.name, kind)

@@ -136,6 +136,7 @@ class Accepted(asyncio.Protocol):
         self.buf = b""
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
+        self.explicit = False  # refused as transparent, but may be an explicit proxy request
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -153,6 +154,11 @@ class Accepted(asyncio.Protocol):
                 self.refused = f"original destination {dst} is this proxy (loop)"
                 self.refused_kind = "loop"
         self.dst = dst
+        if self.refused is not None and d.name == "outbound" \
+                and d.config.outbound.explicit_proxy:
+            peer = transport.get_extra_info("peername")
+            if peer and is_loopback(peer[0].removeprefix("::ffff:")):
+                self.explicit = True  # an app using us as its http_proxy, maybe
         if self.refused is None and dst is not None \
                 and dst.port in d.config.detect.opaque_ports:
             self.hand_off(Protocol.OPAQUE, eof=False)
@@ -190,6 +196,11 @@ class Accepted(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         d = self.d
+        if self.explicit and protocol is Protocol.HTTP1:
+            sock = self.transport.get_extra_info("socket")
+            Http1Server(d, self.transport, OrigDst(*local_addr(sock)), explicit=True) \
+                .start(self.buf, eof)
+            return
         if self.refused is not None or self.dst is None:
             self.refuse(protocol)
             return

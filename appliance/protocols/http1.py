@@ -266,3 +266,48 @@ def error_response(status: int, cause: str, via: bytes, *, close: bool) -> bytes
 
 def response_has_body(status: int, request_method: bytes) -> bool:
     return not (request_method == b"HEAD" or status in (204, 304) or 100 <= status < 200)
+
+
+def proxy_target(head: RequestHead) -> tuple[str, int, bytes]:
+    """For a request sent to the proxy on purpose (``http_proxy``): the host and port it is
+    for, and the origin-form target to send there. ``CONNECT host:port`` gives its
+    authority (and an empty target); other methods need an absolute ``http://`` URI.
+    Raises HttpError(400) for anything else."""
+    if head.method == b"CONNECT":
+        host, port = _authority(head.target, None)
+        return host, port, b""
+    target = head.target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() != b"http":
+        if sep and scheme.lower() == b"https":
+            raise HttpError(400, "explicit proxy: send https:// URLs through CONNECT "
+                                 "(https_proxy), not as absolute-form requests")
+        raise HttpError(400, "explicit proxy: the request target must be an absolute "
+                             "http:// URI (or use CONNECT)")
+    slash = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=-1)
+    authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
+    if path.startswith(b"?"):
+        path = b"/" + path
+    if b"@" in authority:
+        raise HttpError(400, "explicit proxy: userinfo in the URI is not allowed")
+    host, port = _authority(authority, 80)
+    return host, port, path
+
+
+def _authority(authority: bytes, default_port: int | None) -> tuple[str, int]:
+    text = authority.decode("latin-1")
+    if text.startswith("["):
+        end = text.find("]")
+        host, rest = text[1:end], text[end + 1:]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise HttpError(400, f"explicit proxy: bad authority {text!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = text.partition(":")
+    if not port_text:
+        if default_port is None:
+            raise HttpError(400, f"explicit proxy: CONNECT needs host:port, got {text!r}")
+        return host, default_port
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise HttpError(400, f"explicit proxy: bad authority {text!r}")
+    return host, int(port_text)
