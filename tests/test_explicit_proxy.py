@@ -68,13 +68,13 @@ def test_keep_alive_to_two_servers(plain: ProxyProcess, backend: H11Server) -> N
 
 
 @pytest.mark.parametrize("request_line, status, words", [
-    (b"GET /relative HTTP/1.1", 400, b"absolute http:// URI"),
+    (b"GET /relative HTTP/1.1", 502, b"no original destination"),
     (b"GET https://127.0.0.1:1/ HTTP/1.1", 400, b"through CONNECT"),
     (b"CONNECT 127.0.0.1 HTTP/1.1", 400, b"host:port"),
 ])
 def test_bad_explicit_requests(plain: ProxyProcess, request_line: bytes, status: int,
                                words: bytes) -> None:
-    """Requests that name no usable destination get a clear 400 and a closed connection."""
+    """Requests that name no usable destination get a clear error and a closed connection."""
     with socket.create_connection(("127.0.0.1", plain.outbound), timeout=10) as s:
         s.sendall(request_line + b"\r\nHost: x\r\n\r\n")
         data = recv_until_eof(s)

@@ -354,6 +354,12 @@ class Exchange:
         """An explicit proxy request: its destination is in its target (absolute URI or
         CONNECT authority); the target sent on is the origin form."""
         head = self.head
+        if head.target.startswith(b"/"):
+            self.d.registry.error(self.d.name, "no_orig_dst")
+            self.fail(502, "no original destination (connection was not redirected), and "
+                           "not an explicit proxy request (absolute http:// URI or CONNECT)",
+                      "proxy")
+            return False
         try:
             host, port, path = proxy_target(head)
         except HttpError as exc:
