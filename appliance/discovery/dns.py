@@ -85,10 +85,16 @@ def parse_nameserver(text: object) -> tuple[str, int]:
         raise ValueError(f"bad nameserver {text!r} (expected \"ip[:port]\")")
     if is_ip(text):
         return str(ipaddress.ip_address(text)), 53
-    host, port = split_hostport(text)
-    if not is_ip(host):
-        raise ValueError(f"bad nameserver {text!r} (expected an IP address, not a name)")
-    return str(ipaddress.ip_address(host)), parse_port(port)
+    if ":" not in text:
+        raise ValueError(f"bad nameserver {text!r} (expected an IP address, optionally "
+                         f"with :port)")
+    try:
+        host, port = split_hostport(text)
+        if not is_ip(host):
+            raise ValueError("expected an IP address, not a name")
+        return str(ipaddress.ip_address(host)), parse_port(port)
+    except ValueError as exc:
+        raise ValueError(f"bad nameserver {text!r}: {exc}") from None
 
 
 def is_ip(text: str) -> bool:
