@@ -1,0 +1,109 @@
+"""The Consul namer (``kind: io.l5d.consul``): blocking queries on the health API.
+
+One task per watched name runs the loop that :class:`~appliance.discovery.consul.ConsulQuery`
+decides: wait what it says, GET the health API, hand it the answer, push the outcome to
+the :class:`Watch` and to ``ctx.report``. All timing and index rules live in the pure
+module; this one only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+from appliance.discovery.base import AddrState, Name, Namer, NamerContext, Watch
+from appliance.discovery.consul import (
+    KIND,
+    Backoff,
+    ConsulOptions,
+    ConsulQuery,
+    Failure,
+    Update,
+)
+from appliance.discovery.registry import register
+from appliance.net import httpclient
+
+
+def tls_context(ca_file: str | None, option: str = "ca_file") -> ssl.SSLContext:
+    """A verifying client context; ``ValueError`` names ``option`` if the file is bad."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"{option}: cannot load {ca_file!r}: {exc}") from None
+
+
+def cancel_all(tasks: list[Any]) -> None:
+    """Cancel what ``ctx.spawn`` returned (tasks or futures)."""
+    for task in tasks:
+        cancel = getattr(task, "cancel", None)
+        if cancel is not None:
+            cancel()
+    tasks.clear()
+
+
+class ConsulNamer(Namer):
+    """``/#/io.l5d.consul/<datacenter>/<service>``: the passing instances of a service."""
+
+    kind = KIND
+    segments = 2
+
+    def __init__(self, opts: ConsulOptions, ctx: NamerContext,
+                 rng: random.Random | None = None) -> None:
+        self.opts = opts
+        self.ctx = ctx
+        self.rng = rng or random.Random()
+        self._ssl = tls_context(opts.ca_file) if opts.scheme == "https" else None
+        self._watches: dict[Name, Watch] = {}
+        self._tasks: list[Any] = []
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], ctx: NamerContext) -> ConsulNamer:
+        return cls(ConsulOptions.from_mapping(options), ctx)
+
+    def watch(self, name: Name) -> Watch:
+        watch = self._watches.get(name)
+        if watch is not None:
+            return watch
+        try:
+            query = ConsulQuery(name, self.opts,
+                                Backoff(self.opts.backoff_base, self.opts.backoff_max,
+                                        self.rng))
+        except ValueError as exc:
+            watch = self._watches[name] = Watch(AddrState("neg", error=str(exc)))
+            return watch
+        watch = self._watches[name] = Watch()
+        self._tasks.append(self.ctx.spawn(self._run(name, query, watch)))
+        return watch
+
+    def close(self) -> None:
+        cancel_all(self._tasks)
+
+    async def _run(self, name: Name, query: ConsulQuery, watch: Watch) -> None:
+        clock = self.ctx.clock
+        while True:
+            await asyncio.sleep(query.delay(clock()))
+            query.sent(clock())
+            try:
+                response = await httpclient.get(self.opts.base_url + query.path,
+                                                query.headers, ssl=self._ssl,
+                                                timeout=query.timeout)
+            except httpclient.HTTPClientError as exc:
+                outcome: Update | Failure = query.on_error(clock(), str(exc))
+            else:
+                outcome = query.on_response(clock(), response.status, response.headers,
+                                            response.body)
+            self._publish(name, watch, outcome)
+
+    def _publish(self, name: Name, watch: Watch, outcome: Update | Failure) -> None:
+        if isinstance(outcome, Update):
+            watch.set(outcome.state)
+            self.ctx.report(KIND, name, True, "")
+        else:
+            watch.fail(outcome.error)
+            self.ctx.report(KIND, name, False, outcome.error)
+
+
+register(KIND, ConsulNamer.from_options)
