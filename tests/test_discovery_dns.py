@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +284,8 @@ def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
 Reports = list[tuple[str, tuple[str, ...], bool, str]]
 
 
-def run(scenario: Callable[[NamerContext, Reports], Awaitable[None]]) -> Reports:
+def run(scenario: Callable[[NamerContext, Reports], Coroutine[Any, Any, None]]
+        ) -> Reports:
     """Run ``scenario`` on uvloop (as the proxy does) with a recording context."""
     reports: Reports = []
     ctx = NamerContext(spawn=lambda coro: asyncio.get_running_loop().create_task(coro),
@@ -425,3 +426,20 @@ def test_server_down_from_the_start_is_failed() -> None:
         namer.close()
     reports = run(scenario)
     assert reports[0][2] is False
+
+
+def test_a_dead_first_nameserver_falls_through_to_the_next(dnsmasq: Dnsmasq) -> None:
+    """With the first listed nameserver down, the second one answers the lookup."""
+    dnsmasq.hosts.write_text("127.0.0.5 web.example\n")
+    dnsmasq.start()
+    dead = free_udp_tcp_port()
+
+    async def scenario(ctx: NamerContext, reports: Reports) -> None:
+        namer = DnsNamer.from_options(
+            {"nameservers": [f"127.0.0.1:{dead}", f"127.0.0.1:{dnsmasq.port}"], "timeout": 3},
+            ctx)
+        state = await wait_state(namer.watch(("web.example", "80")),
+                                 lambda s: s.kind != "pending")
+        assert state == bound([Address("127.0.0.5", 80)])
+        namer.close()
+    run(scenario)

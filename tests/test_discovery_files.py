@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,8 @@ def test_tracker_missing_and_failures() -> None:
 Reports = list[tuple[str, tuple[str, ...], bool, str]]
 
 
-def run(scenario: Callable[[NamerContext, Reports], Awaitable[None]]) -> Reports:
+def run(scenario: Callable[[NamerContext, Reports], Coroutine[Any, Any, None]]
+        ) -> Reports:
     """Run ``scenario`` on uvloop (as the proxy does) with a recording context."""
     reports: Reports = []
     ctx = NamerContext(spawn=lambda coro: asyncio.get_running_loop().create_task(coro),

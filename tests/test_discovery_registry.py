@@ -148,8 +148,12 @@ def test_register_a_factory_and_a_class(clean_registry: None) -> None:
 def test_a_failed_build_closes_what_it_built(clean_registry: None) -> None:
     """When a later entry is bad, the namers already built are closed."""
     built: list[Recorder] = []
-    register("io.l5d.recorder", lambda options, ctx: built.append(Recorder(options))
-             or built[-1])
+
+    def factory(options: Mapping[str, Any], ctx: NamerContext) -> Namer:
+        built.append(Recorder(options))
+        return built[-1]
+
+    register("io.l5d.recorder", factory)
     with pytest.raises(ValueError, match=r"namers\[1\]"):
         build_namers([{"kind": "io.l5d.recorder"}, {"kind": "nope"}], CTX)
     assert built[0].closed

@@ -201,17 +201,19 @@ def _resolver(nameservers: list[tuple[str, int]] | None, timeout: float
                                 for ip, port in nameservers]
     resolver.cache = None
     resolver.lifetime = timeout
-    resolver.timeout = timeout
+    resolver.timeout = min(2.0, timeout)  # per attempt, so a dead first server leaves time
     return resolver
 
 
 async def _gather(*queries: Any) -> list[Answer]:
     """Run queries together; the first failure is raised once all have finished."""
     results = await asyncio.gather(*queries, return_exceptions=True)
+    answers = []
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return list(results)
+        answers.append(result)
+    return answers
 
 
 def _record(rdata: Any) -> str | SrvRecord:
