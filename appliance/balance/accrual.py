@@ -4,7 +4,8 @@ Theory of operation: each endpoint of a balancer owns one accrual object. It is 
 outcome of every request (``record(ok, started, now)``) and is in one of three states:
 
     alive --(policy trips)--> ejected(until) --(now >= until, picked)--> probing
-    probing --(the probe succeeds)--> alive          (backoff and policy counters reset)
+    probing --(the probe succeeds)--> alive          (backoff and policy counters reset,
+                                                      then the probe's success counted)
     probing --(the probe fails)--> ejected(until')   (until' from the next, longer backoff)
 
 A *policy* decides when an alive endpoint trips: :class:`ConsecutiveFailures` after ``n``
@@ -73,6 +74,7 @@ class Accrual:
                 self.state = ALIVE
                 self._backoff.reset()
                 self._revive(now)
+                self._trips(True, now)  # the probe is the first outcome of the new life
             else:
                 self._eject(now)
 

@@ -17,8 +17,9 @@ and ``ttl`` seconds), and a withdrawal counts while its slice is one of the last
 ``buckets + 1`` (at least ``ttl`` seconds). So at the moment of any granted retry, the
 retries granted in the ``ttl`` seconds up to and including it never exceed the bound
 computed from the requests deposited in those same seconds. The comparison is done with
-exact fractions, so float parameters such as 0.3 cannot round a retry into the budget; the
-only rounding left is where a clock reading falls relative to a slice boundary.
+exact fractions of the parameters as written (0.3 is 3/10, not the float just below it), so
+10 requests at 0.3 allow exactly 3 retries; the only rounding left is where a clock reading
+falls relative to a slice boundary.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class RetryBudget:
         self._deposits = [0] * (buckets + 1)
         self._withdrawals = [0] * (buckets + 1)
         self._cur = -(1 << 62)
-        self._p = Fraction(self.percent_can_retry)
-        self._reserve = Fraction(self.min_retries_per_sec) * Fraction(self.ttl)
+        self._p = _decimal(self.percent_can_retry)
+        self._reserve = _decimal(self.min_retries_per_sec) * _decimal(self.ttl)
 
     def deposit(self) -> None:
         """One original (non-retry) request was sent."""
@@ -94,6 +95,11 @@ class RetryBudget:
     def __repr__(self) -> str:
         return (f"RetryBudget(ttl={self.ttl}, min_retries_per_sec={self.min_retries_per_sec}, "
                 f"percent_can_retry={self.percent_can_retry})")
+
+
+def _decimal(x: float) -> Fraction:
+    """The exact value of the shortest decimal that reads back as ``x``."""
+    return Fraction(repr(x))
 
 
 def _check(name: str, value: float, *, low: float, high: float = math.inf,

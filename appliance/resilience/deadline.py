@@ -60,6 +60,12 @@ def _text(value: str | bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _to_ns(seconds: float) -> int:
+    """Whole nanoseconds, without the float rounding of ``seconds * 1e9`` at epoch scale."""
+    whole = math.floor(seconds)
+    return whole * _NS + round((seconds - whole) * _NS)
+
+
 def parse_ctx_deadline(value: str | bytes, now_wall: float) -> float | None:
     """Seconds left until the ``l5d-ctx-deadline`` value expires (<= 0 once past), or None
     when the value is malformed. ``now_wall`` is the current Unix time in seconds."""
@@ -70,15 +76,15 @@ def parse_ctx_deadline(value: str | bytes, now_wall: float) -> float | None:
     timestamp, deadline = int(m.group(1)), int(m.group(2))
     if abs(timestamp) > _INT64_MAX or abs(deadline) > _INT64_MAX:
         return None
-    return (deadline - round(now_wall * _NS)) / _NS
+    return (deadline - _to_ns(now_wall)) / _NS
 
 
 def format_ctx_deadline(remaining: float, now_wall: float) -> str:
     """The ``l5d-ctx-deadline`` value for a deadline ``remaining`` seconds from ``now_wall``."""
     _check_seconds("remaining time", remaining, allow_negative=True)
     _check_seconds("wall-clock time", now_wall, allow_negative=True)
-    now_ns = round(now_wall * _NS)
-    deadline_ns = now_ns + round(remaining * _NS)
+    now_ns = _to_ns(now_wall)
+    deadline_ns = now_ns + _to_ns(remaining)
     if abs(now_ns) > _INT64_MAX or abs(deadline_ns) > _INT64_MAX:
         raise DeadlineError(f"deadline {now_wall!r} + {remaining!r} s does not fit in 64-bit "
                             "nanoseconds")
