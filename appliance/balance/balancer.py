@@ -305,7 +305,7 @@ KINDS: dict[str, type[Balancer]] = {
     "p2c_least_loaded": P2CLeastLoaded,
     "round_robin": RoundRobin,
 }
-_ALIASES = {"ewma": "p2c_peak_ewma", "p2c": "p2c_least_loaded", "roundRobin": "round_robin"}
+_ALIASES = {"ewma": "p2c_peak_ewma", "p2c": "p2c_least_loaded"}
 _OPTS = ("accrual", "decay", "default_rtt")
 
 
