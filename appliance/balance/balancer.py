@@ -139,7 +139,8 @@ class Balancer:
 
     def pick(self) -> EndpointState | None:
         """The endpoint for the next request, or None when all are ejected."""
-        if self._next_due <= self._clock():
+        due = self._next_due
+        if due != _INF and due <= self._clock():
             ep = self._claim_probe()
             if ep is not None:
                 return ep
@@ -251,7 +252,7 @@ def _accumulate(weights: Any) -> Any:
 
 
 class P2CPeakEwma(Balancer):
-    """Power of two choices over peak-EWMA cost / weight (linkerd's default, ``ewma``)."""
+    """Power of two choices over peak-EWMA cost / weight (linkerd2's; linkerd 1's ``ewma``)."""
 
     kind = "p2c_peak_ewma"
     __slots__ = ()
