@@ -202,6 +202,8 @@ def _read_simple(sc: Scanner) -> NameTree[Path]:
 
 def show_weight(weight: float) -> str:
     """The shortest decimal that parses back to exactly ``weight`` (never an exponent)."""
+    if weight == 0:
+        return "0"
     text = format(Decimal(repr(float(weight))), "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
