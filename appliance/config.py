@@ -331,6 +331,10 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
         return text
     if leaf == "namers":
         return parse_namers(name, value)
+    if leaf == "dtab":
+        return _check_dtab(name, str(value))
+    if leaf == "identifier":
+        return _check_identifier(name, str(value))
     if hint is bool:
         return parse_bool(name, value)
     if hint is int:
@@ -356,7 +360,53 @@ def parse_namers(name: str, value: Any) -> tuple[Mapping[str, Any], ...]:
     for i, item in enumerate(value):
         if not isinstance(item, Mapping) or not isinstance(item.get("kind"), str):
             raise ConfigError(f"{name}[{i}]: expected a mapping with a 'kind', got {item!r}")
-    return tuple(dict(item) for item in value)
+    namers = tuple(dict(item) for item in value)
+    _check_namers(name, namers)
+    return namers
+
+
+def _check_namers(name: str, namers: tuple[Mapping[str, Any], ...]) -> None:
+    """Build the namers once to check their options (building starts no source)."""
+    from appliance.discovery.base import NamerContext
+    from appliance.discovery.registry import build_namers
+
+    def no_spawn(coro: Any) -> None:
+        coro.close()
+        raise RuntimeError("a namer started a source while being checked")
+
+    try:
+        built = build_namers(list(namers), NamerContext(spawn=no_spawn))
+    except ValueError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(name) else f"{name}: {text}") from None
+    for namer in built.values():
+        namer.close()
+
+
+def _check_dtab(name: str, text: str) -> str:
+    from appliance.routing.dtab import parse_dtab
+    from appliance.routing.path import RoutingSyntaxError
+
+    try:
+        parse_dtab(text)
+    except RoutingSyntaxError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return text
+
+
+def _check_identifier(name: str, text: str) -> str:
+    from appliance.routing.identify import make_identifier
+
+    items = [i.strip() for i in text.split(",") if i.strip()]
+    if not items:
+        raise ConfigError(f"{name}: {text!r} names no identifier")
+    for item in items:
+        kind, _, arg = item.partition(":")
+        try:
+            make_identifier(kind, **({"name": arg} if arg else {}))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return text
 
 
 def _is_hostport(hint: Any) -> bool:

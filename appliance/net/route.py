@@ -154,6 +154,7 @@ def build_router(d: Direction) -> Router | None:
     config = d.config
     if d.name != "outbound" or not config.routing.dtab.strip():
         return None
+    from appliance.balance.accrual import accrual_factory
     from appliance.balance.balancer import make_balancer
     from appliance.discovery.registry import build_namers
 
@@ -167,11 +168,11 @@ def build_router(d: Direction) -> Router | None:
     namers = build_namers(list(config.namers), ctx)
     conf = config.balancer
     rng = random.Random()
+    accrual = accrual_factory("consecutive_failures", rng, n=conf.consecutive_failures)
 
     def balancer() -> Any:
         return make_balancer(conf.kind, d.loop.time, rng, decay=conf.decay,
-                             default_rtt=conf.default_rtt,
-                             consecutive_failures=conf.consecutive_failures)
+                             default_rtt=conf.default_rtt, accrual=accrual)
 
     return Router(dtab=parse_dtab(config.routing.dtab), identify=make_identify(config),
                   namers=namers, make_balancer=balancer,
