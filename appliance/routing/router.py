@@ -30,14 +30,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from appliance.discovery.base import PENDING, Address, AddrState, Namer, Watch, bound
+from appliance.net.addr import OrigDst
 from appliance.routing.delegate import DelegationError, bind, choose
 from appliance.routing.dtab import Dtab
 from appliance.routing.identify import RequestView
 from appliance.routing.nametree import Bound
 from appliance.routing.path import Path, show_path
-
-from appliance.discovery.base import PENDING, Address, AddrState, Namer, Watch, bound
-from appliance.net.addr import OrigDst
 
 _BIND_CACHE_MAX = 4096
 
