@@ -5,11 +5,16 @@ Theory of operation: a request stream on the client-facing connection
 (:mod:`appliance.net.http2_upstream`). Headers, data, trailers and resets are forwarded
 stream by stream; a stream never waits on another.
 
-Flow control is end to end: DATA received on one side is acknowledged to its sender only
-once it has been handed to the other side's h2 connection within that side's flow-control
-window. What does not fit waits in the stream (bounded by the window the sender was given)
-and moves on ``WindowUpdated``. So a slow reader on one side slows the writer on the other,
-and the proxy never holds more than the advertised windows.
+Flow control is end to end: DATA received on one side is credited back to its sender
+(``conn.ack``) only once it has been handed to the other side's connection within that
+side's flow-control window. What does not fit waits in the stream (bounded by the window
+the sender was given) and moves when the window opens (``on_window``). So a slow reader on
+one side slows the writer on the other, and the proxy never holds more than the advertised
+windows. A peer whose socket does not drain (``pause_writing``) counts as a closed window.
+
+Frames are queued on the codecs; whoever queues frames on a connection marks it with
+:func:`touch`, and :func:`flush_all` writes every marked connection once, at the end of
+each read or timer callback (one write per connection per event, whatever the streams).
 
 Errors before a response head was sent become a response of the proxy's own: ``502``/
 ``504`` with ``l5d-proxy-error``, or, for gRPC, a trailers-only response with
@@ -23,11 +28,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-import h2.config
-import h2.errors
-import h2.exceptions
-import hpack.hpack
-import hpack.table
+from appliance.protocols.h2frames import CANCEL, INTERNAL_ERROR
+from appliance.protocols.h2send import Stream
 
 if TYPE_CHECKING:
     from appliance.net.http2 import Http2Server
@@ -35,20 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("appliance.h2")
 
-
-class _Silent:
-    """hpack logs every header it codes at DEBUG through the logging module; even disabled,
-    those calls cost several microseconds per request. The proxy never wants them."""
-
-    @staticmethod
-    def debug(*args: object, **kwargs: object) -> None:
-        pass
-
-
-hpack.hpack.log = hpack.table.log = _Silent()  # type: ignore[assignment]
-
 # Headers that are connection-specific: never forwarded between HTTP/2 connections.
-_CONNECTION_SPECIFIC = frozenset({
+CONNECTION_SPECIFIC = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
 })
 GRPC_UNAVAILABLE = b"14"
@@ -73,50 +63,58 @@ def format_grpc_timeout(seconds: float) -> bytes:
     return b"%dm" % ms if ms < 100_000_000 else b"%dS" % min(99_999_999, ms // 1000)
 
 
-def h2_config(client_side: bool) -> h2.config.H2Configuration:
-    # Headers are validated once, where they enter: request headers by
-    # appliance.protocols.h2headers (so a malformed request is a stream error, not a
-    # connection error as in h2), response headers by h2. What we send was validated on the
-    # way in, so outbound validation and normalisation are off (they cost per request).
-    return h2.config.H2Configuration(
-        client_side=client_side, header_encoding=None,
-        validate_inbound_headers=client_side, normalize_inbound_headers=client_side,
-        validate_outbound_headers=False, normalize_outbound_headers=False,
-    )
-
-
 def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(n, v) for n, v in headers if n not in _CONNECTION_SPECIFIC]
+    return [(n, v) for n, v in headers if n not in CONNECTION_SPECIFIC]
+
+
+# --- writing: every connection with queued frames is written once per event --------------
+_dirty: list[Any] = []
+
+
+def touch(peer: Any) -> None:
+    """``peer`` (an Http2Server or Http2Upstream) has frames queued on its codec."""
+    if not peer.dirty:
+        peer.dirty = True
+        _dirty.append(peer)
+
+
+def flush_all() -> None:
+    while _dirty:
+        peer = _dirty.pop()
+        peer.dirty = False
+        peer.flush()
 
 
 class H2Stream:
-    """One request stream: its client side and its upstream side."""
+    """One request stream: its client side (``cs``) and its upstream side (``us``)."""
 
     __slots__ = (
-        "server", "sid", "up", "usid", "headers", "to_up", "to_down", "grpc", "started",
+        "server", "sid", "cs", "up", "us", "headers", "to_up", "to_down", "grpc", "started",
         "response_started", "status", "done", "early", "request_ended", "grpc_status",
-        "deadline", "retried",
+        "deadline", "retried", "head",
     )
 
-    def __init__(self, server: Http2Server, sid: int, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, server: Http2Server, cs: Stream, headers: list[tuple[bytes, bytes]],
+                 grpc: bool, now: float) -> None:
         self.server = server
-        self.sid = sid
+        self.sid = cs.sid
+        self.cs = cs
         self.up: Http2Upstream | None = None
-        self.usid = 0
+        self.us: Stream | None = None
         self.headers = headers
-        self.to_up: list[Any] = []  # [data, end_stream, flow-controlled length] waiting
-        self.to_down: list[Any] = []
-        self.grpc = any(n == b"content-type" and v.startswith(b"application/grpc")
-                        for n, v in headers)
-        self.started = server.d.loop.time()
+        self.to_up: list[list[Any]] = []  # [data or trailers, end, flow length] waiting
+        self.to_down: list[list[Any]] = []
+        self.grpc = grpc
+        self.started = now
         self.response_started = False
         self.status = 0
         self.done = False
-        self.early: list[Any] = []  # request events that came before the upstream stream
+        self.early: list[Any] = []  # request parts that came before the upstream stream
         self.request_ended = False  # END_STREAM came on the request's HEADERS frame
         self.grpc_status = b""
         self.deadline: asyncio.TimerHandle | None = None
         self.retried = False
+        self.head = False  # a HEAD request: the response has no body
 
 
 # --- moving a stream's parts from one side to the other -----------------------------------
@@ -124,7 +122,8 @@ class H2Stream:
 def to_upstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
     if stream.done:
         if length:  # the stream is over: give the sender its credit back, drop the data
-            stream.server.conn.acknowledge_received_data(length, stream.sid)
+            stream.server.conn.ack(stream.cs, length)
+            touch(stream.server)
         return
     if stream.up is None:
         stream.early.append((data, end, length))
@@ -134,61 +133,77 @@ def to_upstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
 
 
 def to_downstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
+    if stream.to_down:
+        stream.to_down.append([data, end, length])
+        drain(stream, down=True)
+        return
+    server = stream.server
+    conn = server.conn
+    if data.__class__ is bytes and not server.write_paused and len(data) <= conn.window(
+            stream.cs) and (data or end):
+        # The usual case: nothing waits and it fits; no queue.
+        conn.send_data(stream.cs, data, end)
+        touch(server)
+        up = stream.up
+        if length and up is not None:
+            up.conn.ack(stream.us, length)
+            touch(up)
+        if end:
+            finish_side(stream, True)
+        return
     stream.to_down.append([data, end, length])
     drain(stream, down=True)
 
 
 def drain(stream: H2Stream, *, down: bool) -> None:
-    """Send what waits for one side, as far as that side's flow-control window allows, and
-    acknowledge to the other side what was sent."""
+    """Send what waits for one side, as far as that side's window allows, and credit the
+    other side with what was sent."""
+    src: Any
+    dst: Any
     if down:
-        dst_conn, dst_sid = stream.server.conn, stream.sid
-        src_conn, src_sid = (stream.up.conn if stream.up else None), stream.usid
-        queue = stream.to_down
+        dst, dst_s, src, src_s, queue = (stream.server, stream.cs, stream.up, stream.us,
+                                         stream.to_down)
     else:
-        assert stream.up is not None
-        dst_conn, dst_sid = stream.up.conn, stream.usid
-        src_conn, src_sid = stream.server.conn, stream.sid
-        queue = stream.to_up
-    try:
-        while queue:
-            item = queue[0]
-            data, end, length = item
-            if isinstance(data, list):  # trailers
-                dst_conn.send_headers(dst_sid, data, end_stream=True)
-                queue.pop(0)
-                finish_side(stream, down)
+        dst, dst_s, src, src_s, queue = (stream.up, stream.us, stream.server, stream.cs,
+                                         stream.to_up)
+    if dst is None or dst_s is None or dst.write_paused:
+        return
+    conn = dst.conn
+    touch(dst)
+    while queue:
+        item = queue[0]
+        data, end, length = item
+        if data.__class__ is list:  # trailers
+            queue.pop(0)
+            conn.send_headers(dst_s, data, True)
+            finish_side(stream, down)
+            continue
+        if data:
+            window = conn.window(dst_s)
+            if window <= 0:
+                if conn.closed or dst_s.state in (2, 4):  # it can never send: drop
+                    _credit(src, src_s, sum(i[2] for i in queue))
+                    queue.clear()
+                return
+            if len(data) > window:
+                conn.send_data(dst_s, data[:window], False)
+                acked = min(length, window)
+                item[0], item[2] = data[window:], length - acked
+                _credit(src, src_s, acked)
                 continue
-            if data:
-                window = min(dst_conn.local_flow_control_window(dst_sid),
-                             dst_conn.max_outbound_frame_size)
-                if window <= 0:
-                    return
-                piece = data[:window]
-                rest = data[window:]
-                dst_conn.send_data(dst_sid, piece, end_stream=end and not rest)
-                sent = len(piece)
-                acked = length if not rest else min(length, sent)
-                if src_conn is not None and acked:
-                    src_conn.acknowledge_received_data(acked, src_sid)
-                if rest:
-                    item[0], item[2] = rest, length - acked
-                    continue
-                queue.pop(0)
-                if end:
-                    finish_side(stream, down)
-            else:
-                queue.pop(0)
-                if length and src_conn is not None:
-                    src_conn.acknowledge_received_data(length, src_sid)
-                if end:
-                    dst_conn.end_stream(dst_sid)
-                    finish_side(stream, down)
-    except h2.exceptions.StreamClosedError:
-        queue.clear()
-    finally:
-        if stream.up is not None:
-            stream.up.flush()
+            conn.send_data(dst_s, data, end)
+        elif end:
+            conn.send_data(dst_s, b"", True)
+        queue.pop(0)
+        _credit(src, src_s, length)
+        if end:
+            finish_side(stream, down)
+
+
+def _credit(src: Any, src_s: Stream | None, length: int) -> None:
+    if length and src is not None:
+        src.conn.ack(src_s, length)
+        touch(src)
 
 
 def finish_side(stream: H2Stream, down: bool) -> None:
@@ -196,39 +211,38 @@ def finish_side(stream: H2Stream, down: bool) -> None:
     if down:
         stream.done = True
         server = stream.server
-        server.stats.response(stream.status or 0, server.d.loop.time() - stream.started, "",
+        server.stats.response(stream.status, server.d.loop.time() - stream.started, "",
                               stream.grpc_status.decode("ascii", "replace"))
         server.stream_done(stream)
         if stream.up is not None:
             stream.up.stream_done(stream)
 
 
-def response_head(stream: H2Stream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+def response_head(stream: H2Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
     """Forward the response head; with END_STREAM on it (a gRPC trailers-only response, a
     bodiless response) the stream ends in the same frame, as it did upstream."""
     stream.response_started = True
-    for name, value in headers:
-        if name == b":status":
-            stream.status = int(value)
-        elif name == b"grpc-status":
-            stream.grpc_status = value
-    out = [*forwardable(headers), (b"via", stream.server.d.via)]
-    stream.server.conn.send_headers(stream.sid, out, end_stream=ended)
-    if ended:
+    stream.status = int(headers[0][1])  # validated: :status comes first
+    if stream.grpc:
+        for name, value in headers:
+            if name == b"grpc-status":
+                stream.grpc_status = value
+    server = stream.server
+    server.conn.send_headers(stream.cs, [*headers, server.via_header], end)
+    touch(server)
+    if end:
         finish_side(stream, True)
 
 
 def reset_downstream(stream: H2Stream, code: int) -> None:
     if stream.done:
         return
-    stream.server.stats.response(stream.status or 0, stream.server.d.loop.time()
-                                 - stream.started, "upstream_reset")
-    try:
-        stream.server.conn.reset_stream(stream.sid, code)
-    except h2.exceptions.StreamClosedError:
-        pass
-    stream.server.stream_done(stream)
-    stream.server.flush()
+    server = stream.server
+    server.stats.response(stream.status, server.d.loop.time() - stream.started,
+                          "upstream_reset")
+    server.conn.reset(stream.cs, code)
+    touch(server)
+    server.stream_done(stream)
 
 
 def cancel_upstream(stream: H2Stream, code: int) -> None:
@@ -236,12 +250,9 @@ def cancel_upstream(stream: H2Stream, code: int) -> None:
     up = stream.up
     if up is None:
         return
-    if up.transport is not None:
-        try:
-            up.conn.reset_stream(stream.usid, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
-        up.flush()
+    if stream.us is not None:
+        up.conn.reset(stream.us, code)
+        touch(up)
     up.stream_done(stream)
 
 
@@ -258,54 +269,35 @@ def respond_error(stream: H2Stream, status: int, cause: str, *,
                   grpc_status: bytes | None = None) -> None:
     """A response of the proxy's own, if no response head was sent yet; else a reset (or,
     for gRPC, trailers carrying the status)."""
-    server = stream.server
     if stream.done:
         return
     stream.to_down.clear()  # what the upstream sent but could not be delivered yet is void
+    server = stream.server
     reason = cause.encode("ascii", "replace")
-    via = (b"via", server.d.via)
-    if stream.response_started:
-        if stream.grpc:
-            code = grpc_status or grpc_code_for(status)
-            stream.grpc_status = code
-            try:
-                server.conn.send_headers(stream.sid, [
-                    (b"grpc-status", code), (b"grpc-message", reason),
-                    (b"l5d-proxy-error", reason)], end_stream=True)
-            except h2.exceptions.ProtocolError:
-                reset_downstream(stream, h2.errors.ErrorCodes.CANCEL)
-                return
-            server.stats.response(stream.status, server.d.loop.time() - stream.started,
-                                  "proxy", code.decode())
-            server.stream_done(stream)
-            if stream.up is not None:
-                stream.up.stream_done(stream)
-            return
-        reset_downstream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    if stream.response_started and not stream.grpc:
+        reset_downstream(stream, INTERNAL_ERROR)
         return
-    stream.response_started = True
-    stream.status = status
-    try:
-        if stream.grpc:
-            code = grpc_status or grpc_code_for(status)
+    if stream.grpc:
+        code = grpc_status or grpc_code_for(status)
+        stream.grpc_status = code
+        fields = [(b"grpc-status", code), (b"grpc-message", reason), (b"l5d-proxy-error", reason)]
+        if not stream.response_started:
             stream.status = 200
-            stream.grpc_status = code
-            server.conn.send_headers(stream.sid, [
-                (b":status", b"200"), (b"content-type", b"application/grpc"),
-                (b"grpc-status", code), (b"grpc-message", reason),
-                (b"l5d-proxy-error", reason), via], end_stream=True)
-        else:
-            body = reason + b"\n"
-            server.conn.send_headers(stream.sid, [
-                (b":status", str(status).encode()), (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()), (b"l5d-proxy-error", reason),
-                via])
-            server.conn.send_data(stream.sid, body, end_stream=True)
-    except h2.exceptions.StreamClosedError:
-        pass
+            fields = [(b":status", b"200"), (b"content-type", b"application/grpc"), *fields,
+                      server.via_header]
+        server.conn.send_headers(stream.cs, fields, True)
+    else:
+        stream.status = status
+        body = reason + b"\n"
+        server.conn.send_headers(stream.cs, [
+            (b":status", b"%d" % status), (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % len(body)), (b"l5d-proxy-error", reason),
+            server.via_header])
+        server.conn.send_data(stream.cs, body, True)
+    stream.response_started = True
+    touch(server)
     server.stats.response(stream.status, server.d.loop.time() - stream.started, "proxy",
                           stream.grpc_status.decode())
-    stream.done = True
     server.stream_done(stream)
     if stream.up is not None:
         stream.up.stream_done(stream)
@@ -318,7 +310,7 @@ def deadline_passed(stream: H2Stream) -> None:
         return
     server = stream.server
     server.d.registry.error(server.d.name, "grpc_deadline")
-    cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
+    cancel_upstream(stream, CANCEL)
     respond_error(stream, 504, "deadline exceeded (grpc-timeout)",
                   grpc_status=GRPC_DEADLINE_EXCEEDED)
-    server.flush()
+    flush_all()

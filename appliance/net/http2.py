@@ -1,23 +1,22 @@
 """HTTP/2 (h2c, prior knowledge): the client-facing connection.
 
-Theory of operation: :class:`Http2Server` receives request streams, validates their headers
-once (:mod:`appliance.protocols.h2headers`), applies the abuse limits
+Theory of operation: :class:`Http2Server` is the handler of a server-role
+:class:`~appliance.protocols.h2conn.H2Connection`, which validates frames and request
+headers and calls it per stream. It applies the abuse limits
 (:mod:`appliance.protocols.h2guard`) and hands each stream to the pool of multiplexed
 upstream connections (:mod:`appliance.net.http2_upstream`) after the whole read was
 processed. How a stream's parts move is in :mod:`appliance.net.h2stream`.
+
+A client that sends but does not read makes its connection's write buffer grow; from
+then on (``pause_writing``) no DATA is sent to it, so the upstream is not read for it
+either, and the control-frame answers it keeps asking for (PING and SETTINGS ACKs) are
+counted: past ``_ANSWER_BACKLOG`` of them the connection is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any
-
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-from hyperframe.frame import GoAwayFrame
 
 from appliance.net.addr import OrigDst
 from appliance.net.h2stream import (
@@ -26,19 +25,24 @@ from appliance.net.h2stream import (
     cancel_upstream,
     deadline_passed,
     drain,
+    flush_all,
     format_grpc_timeout,
-    forwardable,
-    h2_config,
     log,
     parse_grpc_timeout,
     respond_error,
     to_upstream,
+    touch,
 )
+from appliance.protocols.h2conn import H2Connection, H2Error, Stream
+from appliance.protocols.h2frames import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, REFUSED_STREAM
 from appliance.protocols.h2guard import H2Guard
-from appliance.protocols.h2headers import request_problem, trailers_problem
+from appliance.protocols.h2send import HALF_LOCAL
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
+
+# PING/SETTINGS ACKs a client may have us queue while it does not read what we send.
+_ANSWER_BACKLOG = 256
 
 
 class Http2Server(asyncio.Protocol):
@@ -48,26 +52,28 @@ class Http2Server(asyncio.Protocol):
         self.d = d
         self.transport = transport
         self.dst = dst
-        self.conn = h2.connection.H2Connection(config=h2_config(client_side=False))
         limits = d.config.h2
-        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-        })
+        self.conn = H2Connection(self, client=False,
+                                 max_concurrent_streams=limits.max_concurrent_streams,
+                                 max_header_list_size=limits.max_header_list_size)
         self.guard = H2Guard(reset_limit=limits.reset_limit,
                              control_frame_limit=limits.control_frame_limit)
         self.streams: dict[int, H2Stream] = {}
         self.opening: list[H2Stream] = []  # new streams, sent upstream after the read
         self.tcp = d.tcp_stats("h2", "src")
         self.stats = d.registry.http(d.name, "h2")
+        self.via_header = (b"via", d.via)
         self.closed = False
+        self.dirty = False
+        self.write_paused = False
+        self.backlog = 0  # control answers queued while the client was not reading
         self.last_active = d.loop.time()
 
     def start(self, early: bytes, early_eof: bool) -> None:
         self.transport.set_protocol(self)
         self.tcp.opened += 1
         self.d.h2_conns.add(self)
-        self.conn.initiate_connection()
+        self.conn.start()
         self.flush()
         if early:
             self.data_received(early)
@@ -83,138 +89,139 @@ class Http2Server(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.tcp.read_bytes += len(data)
         self.last_active = self.d.loop.time()
+        conn = self.conn
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self.d.registry.error(self.d.name, "h2_protocol_error")
-            self.goaway(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+            conn.receive(data)
+        except H2Error as exc:
+            self.d.registry.error(self.d.name, exc.kind)
+            log.debug("h2 connection error: %s", exc.reason)
+            self.close()
+            flush_all()
             return
-        for event in events:
-            self.handle(event)
-            if self.closed:
-                return
+        if conn.answers:
+            self.answered(conn.answers)
         # Streams are opened upstream only now, so a request the client reset in the same
         # read (Rapid Reset's pattern) never reaches the upstream.
-        opening, self.opening = self.opening, []
+        opening = self.opening
         if opening:
-            touched = set()
+            self.opening = []
             for stream in opening:
                 if not stream.done:
                     self.d.h2pool.attach(stream, self.dst)
-                    if stream.up is not None:
-                        touched.add(stream.up)
-            for up in touched:  # one write per upstream for all the streams of this read
-                up.flush()
         self.flush()
+        flush_all()
 
-    def goaway(self, code: int) -> None:
-        """Close the connection with GOAWAY ``code``; its streams are cancelled upstream."""
-        try:
-            self.conn.close_connection(error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.close()
+    def answered(self, answers: int) -> None:
+        self.conn.answers = 0
+        if self.write_paused:
+            self.backlog += answers
+            if self.backlog > _ANSWER_BACKLOG:
+                self.d.registry.error(self.d.name, "h2_control_backlog")
+                self.abort()
 
     def shutdown(self) -> None:
         """Graceful: GOAWAY NO_ERROR naming the last stream we accepted; the streams open
-        may finish. The frame is written directly: h2's close_connection() would also stop
-        us sending on the streams still open."""
+        may finish, later ones are refused."""
         if self.closed:
             return
+        self.last_accepted = self.conn.highest_remote
+        self.conn.goaway(NO_ERROR, self.last_accepted)
         self.flush()
-        self.last_accepted = self.conn.highest_inbound_stream_id
-        frame = GoAwayFrame(stream_id=0, last_stream_id=self.last_accepted,
-                            error_code=h2.errors.ErrorCodes.NO_ERROR)
-        data = frame.serialize()
-        self.tcp.write_bytes += len(data)
-        self.transport.write(data)
 
-    def calm(self, what: str) -> None:
-        self.d.registry.error(self.d.name, what)
-        self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+    last_accepted = 1 << 31  # lowered by shutdown()
 
-    def handle(self, event: Any) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if not event.data and event.stream_ended is None \
-                    and self.guard.control_frame(self.d.loop.time()):
-                self.calm("h2_control_flood")
-                return
-            if stream is not None:
-                to_upstream(stream, event.data, False, event.flow_controlled_length)
-            else:
-                self.conn.acknowledge_received_data(event.flow_controlled_length,
-                                                    event.stream_id)
-        elif isinstance(event, h2.events.RequestReceived):
-            self.open_stream(event.stream_id, event.headers, event.stream_ended is not None)
-        elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and not stream.request_ended:
-                to_upstream(stream, b"", True, 0)
-        elif isinstance(event, h2.events.TrailersReceived):
-            stream = self.streams.get(event.stream_id)
-            problem = trailers_problem(event.headers)
-            if problem is not None:
-                self.malformed(event.stream_id, problem)
-            elif stream is not None:
-                to_upstream(stream, forwardable(event.headers), True, 0)
-        elif isinstance(event, h2.events.WindowUpdated):
-            self.window_opened(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None:
-                stream.done = True
-                now = self.d.loop.time()
-                self.stats.response(stream.status, now - stream.started, "client_reset")
-                cancel_upstream(stream, event.error_code)
-                if not stream.response_started and self.guard.stream_reset_early(now):
-                    self.calm("h2_rapid_reset")
-        elif isinstance(event, (h2.events.PingReceived, h2.events.RemoteSettingsChanged,
-                                h2.events.PriorityUpdated)):
-            if self.guard.control_frame(self.d.loop.time()):
-                self.calm("h2_control_flood")
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.close()
-
-    last_accepted = 1 << 31  # lowered by shutdown(): later streams are refused
-
-    def open_stream(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
-        if sid > self.last_accepted:
-            self.conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+    # --- the codec's callbacks ----------------------------------------------------------
+    def on_head(self, s: Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        if s.sid > self.last_accepted:
+            self.conn.reset(s, REFUSED_STREAM)
             return
-        problem = request_problem(headers)
-        if problem is not None:
-            self.malformed(sid, problem)
-            return
-        stream = H2Stream(self, sid, headers)
-        stream.request_ended = ended
-        self.streams[sid] = stream
+        grpc = head = looped = False
+        via = self.d.via_name
+        for name, value in headers:
+            if name == b":method":
+                head = value == b"HEAD"
+            elif name == b"content-type":
+                grpc = value.startswith(b"application/grpc")
+            elif name == b"via" and via in value:
+                looped = True
+        stream = H2Stream(self, s, headers, grpc, self.d.loop.time())
+        s.user = stream
+        stream.request_ended = end
+        stream.head = head
+        self.streams[s.sid] = stream
         self.stats.requests += 1
-        via = self.d.via
-        if any(n == b"via" and self.d.via_name in v for n, v in headers):
+        if looped:
             self.d.registry.error(self.d.name, "loop")
             respond_error(stream, 502, "request loop detected (Via names this proxy)")
             return
-        out = forwardable(headers)
-        if stream.grpc and not self.apply_grpc_timeout(stream, out):
+        out = [*headers, self.via_header]
+        if grpc and not self.apply_grpc_timeout(stream, out):
             return
-        out.append((b"via", via))
         stream.headers = out
         self.opening.append(stream)
 
-    def malformed(self, sid: int, problem: str) -> None:
-        """A malformed request: reset its stream (PROTOCOL_ERROR); it goes nowhere."""
-        self.d.registry.error(self.d.name, "h2_malformed")
-        log.debug("stream %d reset: %s", sid, problem)
-        stream = self.streams.pop(sid, None)
+    def on_data(self, s: Stream, data: bytes, flow: int, end: bool) -> None:
+        stream = s.user
         if stream is not None:
-            stream.done = True
-            cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
-        try:
-            self.conn.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass
+            to_upstream(stream, data, end, flow)
+        else:
+            self.conn.ack(s, flow)
 
+    def on_trailers(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        stream = s.user
+        if stream is not None:
+            to_upstream(stream, headers, True, 0)
+
+    def on_info(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        pass  # clients send no informational responses
+
+    def on_reset(self, s: Stream, code: int) -> None:
+        stream = s.user
+        if stream is None:
+            return
+        s.user = None
+        self.streams.pop(s.sid, None)
+        stream.done = True
+        now = self.d.loop.time()
+        self.stats.response(stream.status, now - stream.started, "client_reset")
+        cancel_upstream(stream, code)
+        if not stream.response_started and self.guard.stream_reset_early(now):
+            raise H2Error(ENHANCE_YOUR_CALM, "too many streams reset early (Rapid Reset)",
+                          "h2_rapid_reset")
+
+    def on_stream_error(self, s: Stream | None, sid: int, kind: str, reason: str) -> None:
+        """The codec reset a stream (malformed, refused, over a limit): it goes nowhere."""
+        self.d.registry.error(self.d.name, kind)
+        log.debug("stream %d reset: %s", sid, reason)
+        stream = s.user if s is not None else None
+        if stream is not None:
+            s.user = None
+            stream.done = True
+            self.streams.pop(sid, None)
+            cancel_upstream(stream, CANCEL)
+
+    def on_window(self, s: Stream | None) -> None:
+        if s is None:
+            for stream in list(self.streams.values()):
+                if stream.to_down:
+                    drain(stream, down=True)
+        elif s.user is not None and s.user.to_down:
+            drain(s.user, down=True)
+
+    def on_settings(self) -> None:
+        pass
+
+    def on_ping_ack(self, data: bytes) -> None:
+        pass
+
+    def on_goaway(self, last_sid: int, code: int) -> None:
+        self.close()  # the client is leaving: its streams are cancelled upstream
+
+    def on_control(self) -> None:
+        if self.guard.control_frame(self.d.loop.time()):
+            raise H2Error(ENHANCE_YOUR_CALM, "too many control frames", "h2_control_flood")
+
+    # --- gRPC deadlines -----------------------------------------------------------------
     def apply_grpc_timeout(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> bool:
         """Arm the call's deadline from ``grpc-timeout``; False if the value is invalid."""
         for i, (name, value) in enumerate(headers):
@@ -231,19 +238,34 @@ class Http2Server(asyncio.Protocol):
             stream.deadline = self.d.loop.call_later(seconds, deadline_passed, stream)
         return True
 
-    def window_opened(self, sid: int) -> None:
-        streams = self.streams.values() if sid == 0 else (
-            [self.streams[sid]] if sid in self.streams else [])
-        for stream in list(streams):
+    # --- the transport ------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.backlog = 0
+        for stream in list(self.streams.values()):
             if stream.to_down:
                 drain(stream, down=True)
+        flush_all()
 
     def stream_done(self, stream: H2Stream) -> None:
         stream.done = True
         if stream.deadline is not None:
             stream.deadline.cancel()
             stream.deadline = None
+        cs = stream.cs
+        cs.user = None
         self.streams.pop(stream.sid, None)
+        if cs.state == HALF_LOCAL:  # answered before the request ended: stop its body
+            self.conn.reset(cs, NO_ERROR)
+            touch(self)
+
+    def goaway(self, code: int) -> None:
+        """Close the connection with GOAWAY ``code``; its streams are cancelled upstream."""
+        self.conn.goaway(code)
+        self.close()
 
     def close(self) -> None:
         if not self.closed:
@@ -252,12 +274,20 @@ class Http2Server(asyncio.Protocol):
             self.transport.close()
             self.abandon_streams()
 
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+            self.abandon_streams()
+
     def abandon_streams(self) -> None:
         """This side can send nothing more: its streams are cancelled upstream now, before
         their responses arrive for a connection that is gone."""
+        self.opening = []
         for stream in list(self.streams.values()):
             stream.done = True
-            cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
+            stream.cs.user = None
+            cancel_upstream(stream, CANCEL)
         self.streams.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -265,3 +295,5 @@ class Http2Server(asyncio.Protocol):
         self.tcp.closed += 1
         self.d.h2_conns.discard(self)
         self.abandon_streams()
+        flush_all()
+

@@ -2,9 +2,10 @@
 
 Theory of operation: :class:`H2Pool` gives each new stream a connection to its endpoint
 that has room (the peer's MAX_CONCURRENT_STREAMS, 100 assumed until its SETTINGS arrive),
-or dials one. :class:`Http2Upstream` forwards the response side of its streams (see
-:mod:`appliance.net.h2stream`), keeps quiet connections alive with PING, and on GOAWAY
-refuses to the client the streams the upstream never started.
+or dials one. :class:`Http2Upstream` is the handler of a client-role
+:class:`~appliance.protocols.h2conn.H2Connection`: it forwards the response side of its
+streams (see :mod:`appliance.net.h2stream`), keeps quiet connections alive with PING, and on
+GOAWAY refuses to the client the streams the upstream never started.
 """
 
 from __future__ import annotations
@@ -12,24 +13,21 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-
 from appliance.net.addr import OrigDst
 from appliance.net.h2stream import (
     H2Stream,
-    cancel_upstream,
     drain,
-    forwardable,
-    h2_config,
+    flush_all,
     reset_downstream,
     respond_error,
     response_head,
     to_downstream,
     to_upstream,
+    touch,
 )
+from appliance.protocols.h2conn import H2Connection, H2Error, Stream
+from appliance.protocols.h2frames import CANCEL, REFUSED_STREAM
+from appliance.protocols.h2send import CLOSED
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
@@ -41,8 +39,8 @@ class Http2Upstream(asyncio.Protocol):
     def __init__(self, d: Direction, key: OrigDst) -> None:
         self.d = d
         self.key = key
-        self.conn = h2.connection.H2Connection(config=h2_config(client_side=True))
-        self.streams: dict[int, H2Stream] = {}
+        self.conn = H2Connection(self, client=True)
+        self.streams: dict[int, H2Stream] = {}  # by upstream stream id
         self.transport: Any = None
         self.tcp = d.tcp_stats("h2", "dst")
         self.draining = False  # GOAWAY received: no new streams
@@ -50,22 +48,22 @@ class Http2Upstream(asyncio.Protocol):
         self.last_read = d.loop.time()
         self.ping_sent = 0.0  # when the keepalive PING went out; 0 when none is pending
         self.settings_seen = False
+        self.dirty = False
+        self.write_paused = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.tcp.opened += 1
-        self.conn.initiate_connection()
+        self.conn.start()
         self.flush()
 
     def capacity(self) -> int:
         """Streams the peer lets us open now (its MAX_CONCURRENT_STREAMS minus open ones).
-        Until its SETTINGS arrive, h2 assumes no limit; we assume 100 (RFC 9113's floor
-        for what a peer should allow), so a burst is not refused."""
-        limit = self.conn.remote_settings.max_concurrent_streams
+        Until its SETTINGS arrive we assume 100 (RFC 9113's floor for what a peer should
+        allow), so a burst is not refused."""
+        limit = self.conn.remote_max_streams
         if not self.settings_seen:
             limit = min(limit, 100)
-        # Our own count: h2's open_outbound_streams walks every stream on each call. Where
-        # the two differ, h2's send_headers refuses and open() finds another connection.
         return limit - len(self.streams)
 
     @property
@@ -73,17 +71,18 @@ class Http2Upstream(asyncio.Protocol):
         return self.draining or self.capacity() - len(self.waiting) <= 0
 
     def open(self, stream: H2Stream) -> None:
-        usid = self.conn.get_next_available_stream_id()
-        try:
-            self.conn.send_headers(usid, stream.headers, end_stream=stream.request_ended)
-        except h2.exceptions.TooManyStreamsError:
-            self.d.h2pool.attach(stream, self.key)  # another connection takes it
+        us = self.conn.open_stream(stream.headers, stream.request_ended, stream, stream.head)
+        if us is None:  # stream ids exhausted: this connection takes no more
+            self.draining = True
+            self.d.h2pool.forget(self)
+            self.d.h2pool.attach(stream, self.key)
             return
-        stream.up, stream.usid = self, usid
-        self.streams[usid] = stream
-        for data, end, length in stream.early:
+        stream.up, stream.us = self, us
+        self.streams[us.sid] = stream
+        touch(self)
+        early, stream.early = stream.early, []
+        for data, end, length in early:
             to_upstream(stream, data, end, length)
-        stream.early = []
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -96,87 +95,97 @@ class Http2Upstream(asyncio.Protocol):
         self.last_read = self.d.loop.time()
         self.ping_sent = 0.0  # any frame shows the peer is alive
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            self.conn.receive(data)
+        except H2Error as exc:
             self.d.registry.error(self.d.name, "h2_upstream_protocol_error")
-            self.fail_all(f"upstream sent invalid HTTP/2: {exc}")
+            self.d.h2pool.forget(self)
+            self.fail_all(f"upstream sent invalid HTTP/2: {exc.reason}")
             self.flush()
             self.transport.close()
-            return
-        servers = set()
-        for event in events:
-            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
-            if stream is not None:
-                servers.add(stream.server)
-            try:
-                self.handle(event, stream)
-            except h2.exceptions.ProtocolError:
-                # The client side of this stream cannot take it (its connection is closing):
-                # that stream ends here; the connection and its other streams go on.
-                if stream is None:
-                    raise
-                stream.done = True
-                stream.server.streams.pop(stream.sid, None)
-                cancel_upstream(stream, h2.errors.ErrorCodes.CANCEL)
-        self.flush()
-        for server in servers:
-            server.flush()
+        else:
+            self.flush()
+        flush_all()
 
-    def handle(self, event: Any, stream: H2Stream | None) -> None:
-        if isinstance(event, h2.events.DataReceived):
-            if stream is not None and not stream.done:
-                to_downstream(stream, event.data, False, event.flow_controlled_length)
-            else:
-                self.conn.acknowledge_received_data(event.flow_controlled_length,
-                                                    event.stream_id)
-        elif isinstance(event, h2.events.ResponseReceived):
-            if stream is not None and not stream.done:
-                response_head(stream, event.headers, event.stream_ended is not None)
-        elif isinstance(event, h2.events.InformationalResponseReceived):
-            if stream is not None and not stream.done:
-                srv = stream.server
-                srv.conn.send_headers(stream.sid, forwardable(event.headers))
-        elif isinstance(event, h2.events.TrailersReceived):
-            if stream is not None and not stream.done:
-                for name, value in event.headers:
-                    if name == b"grpc-status":
-                        stream.grpc_status = value
-                to_downstream(stream, forwardable(event.headers), True, 0)
-        elif isinstance(event, h2.events.StreamEnded):
-            if stream is not None and not stream.done:
-                to_downstream(stream, b"", True, 0)
-        elif isinstance(event, h2.events.StreamReset):
-            self.streams.pop(event.stream_id, None)
-            if stream is None or stream.done:
-                return
-            if (event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-                    and not stream.response_started and stream.request_ended
-                    and not stream.retried):
-                # Refused before any processing (RFC 9113 8.7): safe to send again.
-                stream.retried = True
-                stream.up = None
-                self.d.h2pool.attach(stream, self.key)
-                if stream.up is not None:
-                    stream.up.flush()
-                return
-            reset_downstream(stream, event.error_code)
-        elif isinstance(event, h2.events.WindowUpdated):
-            targets = self.streams.values() if event.stream_id == 0 else (
-                [stream] if stream is not None else [])
-            for s in list(targets):
-                if s.to_up:
-                    drain(s, down=False)
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway(event.last_stream_id)
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+    # --- the codec's callbacks ----------------------------------------------------------
+    def on_head(self, s: Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        stream = s.user
+        if stream is not None and not stream.done:
+            response_head(stream, headers, end)
+
+    def on_info(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        stream = s.user
+        if stream is not None and not stream.done:
+            stream.server.conn.send_headers(stream.cs, headers)
+            touch(stream.server)
+
+    def on_data(self, s: Stream, data: bytes, flow: int, end: bool) -> None:
+        stream = s.user
+        if stream is not None and not stream.done:
+            to_downstream(stream, data, end, flow)
+        else:
+            self.conn.ack(s, flow)
+
+    def on_trailers(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        stream = s.user
+        if stream is None or stream.done:
+            return
+        if stream.grpc:
+            for name, value in headers:
+                if name == b"grpc-status":
+                    stream.grpc_status = value
+        to_downstream(stream, headers, True, 0)
+
+    def on_reset(self, s: Stream, code: int) -> None:
+        stream = s.user
+        self.streams.pop(s.sid, None)
+        if stream is None or stream.done:
+            return
+        s.user = None
+        if (code == REFUSED_STREAM and not stream.response_started and stream.request_ended
+                and not stream.retried):
+            # Refused before any processing (RFC 9113 8.7): safe to send again.
+            stream.retried = True
+            stream.up = stream.us = None
+            self.d.h2pool.attach(stream, self.key)
+            return
+        reset_downstream(stream, code)
+
+    def on_stream_error(self, s: Stream | None, sid: int, kind: str, reason: str) -> None:
+        """The upstream's response on this stream is malformed: the client gets a 502."""
+        self.d.registry.error(self.d.name, "h2_upstream_malformed")
+        stream = s.user if s is not None else None
+        self.streams.pop(sid, None)
+        if stream is not None and not stream.done:
+            s.user = None  # type: ignore[union-attr]
+            respond_error(stream, 502, f"upstream sent an invalid response: {reason}")
+
+    def on_window(self, s: Stream | None) -> None:
+        if s is None:
+            for stream in list(self.streams.values()):
+                if stream.to_up:
+                    drain(stream, down=False)
+        elif s.user is not None and s.user.to_up:
+            drain(s.user, down=False)
+
+    def on_settings(self) -> None:
+        if not self.settings_seen:
             self.settings_seen = True
             self.open_waiting()
 
+    def on_ping_ack(self, data: bytes) -> None:
+        self.ping_sent = 0.0
+
+    def on_goaway(self, last_sid: int, code: int) -> None:
+        self.goaway(last_sid)
+
+    def on_control(self) -> None:
+        pass  # upstreams are not counted for floods
+
+    # --- connection lifecycle -----------------------------------------------------------
     def open_waiting(self) -> None:
         """Open the streams that waited for this connection, as far as the peer allows;
         the rest go to another connection (the pool dials one if needed)."""
         waiting, self.waiting = self.waiting, []
-        touched = {self}
         for stream in waiting:
             if stream.done:
                 continue
@@ -184,34 +193,51 @@ class Http2Upstream(asyncio.Protocol):
                 self.d.h2pool.attach(stream, self.key)
             else:
                 self.open(stream)
-            if stream.up is not None:
-                touched.add(stream.up)
-        for up in touched:
-            up.flush()
+        touch(self)
+        flush_all()
 
-    def goaway(self, last_stream_id: int | None) -> None:
+    def goaway(self, last_stream_id: int) -> None:
         """The upstream is going away: streams it never started are refused, so the
         client may retry them; the rest may finish."""
         self.draining = True
         self.d.h2pool.forget(self)
-        last = last_stream_id or 0
         for usid, stream in list(self.streams.items()):
-            if usid > last and not stream.response_started:
+            if usid > last_stream_id and not stream.response_started:
                 self.streams.pop(usid, None)
-                reset_downstream(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
+                reset_downstream(stream, REFUSED_STREAM)
+        self.close_if_done()
 
     def stream_done(self, stream: H2Stream) -> None:
-        self.streams.pop(stream.usid, None)
+        us = stream.us
+        if us is not None:
+            us.user = None
+            self.streams.pop(us.sid, None)
+            if us.state != CLOSED:  # the response is over; the request side is not needed
+                self.conn.reset(us, CANCEL)
+                touch(self)
+        self.close_if_done()
+
+    def close_if_done(self) -> None:
         if self.draining and not self.streams and self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def fail_all(self, cause: str) -> None:
         for stream in list(self.streams.values()) + self.waiting:
             if not stream.done:
                 respond_error(stream, 502, cause)
-                stream.server.flush()
         self.streams.clear()
         self.waiting = []
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            if stream.to_up:
+                drain(stream, down=False)
+        flush_all()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tcp.closed += 1
@@ -219,6 +245,7 @@ class Http2Upstream(asyncio.Protocol):
         self.d.h2pool.forget(self)
         self.fail_all("upstream closed the connection" if exc is None
                       else f"upstream connection failed: {exc}")
+        flush_all()
 
 
 class H2Pool:
@@ -251,11 +278,13 @@ class H2Pool:
             self.forget(up)
             d.registry.error(d.name, "connect_timeout")
             up.fail_all(f"upstream unreachable: connect to {dst} timed out")
+            flush_all()
             return
         except OSError as exc:
             self.forget(up)
             d.registry.error(d.name, "connect_refused")
             up.fail_all(f"upstream unreachable: {dst}: {exc.strerror or exc}")
+            flush_all()
             return
         up.open_waiting()
 

@@ -4,10 +4,10 @@ RFC 9113 §8.2-8.3: a request with missing or repeated pseudo-headers, pseudo-he
 regular ones, uppercase or invalid names, connection-specific headers, or CR/LF/NUL (or
 surrounding whitespace) in a value is malformed, and a malformed request is a *stream*
 error: that stream is reset with PROTOCOL_ERROR, the connection's other streams go on.
-The h2 library would make these connection errors, so its own inbound validation is off on
-the client-facing side and this module does the checking instead.
+Responses from upstream and trailers follow the same field rules. The connection codec
+(:mod:`appliance.protocols.h2conn`) calls these once per distinct header block.
 
-Pure: headers in, the reason a request is malformed (or None) out.
+Pure: headers in, the reason they are malformed (or None) out.
 """
 
 from __future__ import annotations
@@ -54,6 +54,26 @@ def request_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def response_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why these response headers (from an upstream) are malformed, or None: exactly one
+    ``:status`` of three digits, first; no other pseudo-header; the same field rules."""
+    status_seen = False
+    for i, (name, value) in enumerate(headers):
+        if name == b":status":
+            if i != 0:
+                return ":status is repeated or not first"
+            if len(value) != 3 or not value.isdigit():
+                return f"invalid :status {value!r}"
+            status_seen = True
+            continue
+        if name.startswith(b":"):
+            return f"pseudo-header {name!r} in a response"
+        problem = _field_problem(name, value)
+        if problem:
+            return problem
+    return None if status_seen else "missing :status"
+
+
 def trailers_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
     """Why these trailers are malformed, or None."""
     for name, value in headers:
@@ -77,3 +97,37 @@ def _field_problem(name: bytes, value: bytes) -> str | None:
     if name == b"content-length" and not value.isdigit():
         return "content-length is not a number"
     return None
+
+
+def content_length(headers: list[tuple[bytes, bytes]]) -> int | None | str:
+    """The content-length, None if absent, or the problem (a str) if it is invalid or
+    its values disagree."""
+    found = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit():
+                return "content-length is not a number"
+            if found is not None and found != int(value):
+                return "conflicting content-length values"
+            found = int(value)
+    return found
+
+
+def request_info(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int | None]:
+    """(problem or None, content-length or None) for a request head."""
+    problem = request_problem(headers)
+    if problem is not None:
+        return problem, None
+    clen = content_length(headers)
+    return (clen, None) if isinstance(clen, str) else (None, clen)
+
+
+def response_info(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int, int | None]:
+    """(problem or None, status, content-length or None) for a response head."""
+    problem = response_problem(headers)
+    if problem is not None:
+        return problem, 0, None
+    clen = content_length(headers)
+    if isinstance(clen, str):
+        return clen, 0, None
+    return None, int(headers[0][1]), clen
