@@ -154,6 +154,26 @@ def test_decode_health_rejects(body: bytes, message: str) -> None:
         decode_health(body, None)
 
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 70000) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["Node", "Service", "Address", "Port", "Weights", "Passing", "Meta",
+                         "Datacenter", "x"]), inner, max_size=5),
+    max_leaves=20)
+
+
+@given(st.lists(JSON, max_size=3))
+def test_decode_health_never_crashes(entries: list[Any]) -> None:
+    """Any JSON is a state or a DecodeError, never another exception."""
+    try:
+        state = decode_health(json.dumps(entries).encode(), "dc1")
+    except DecodeError:
+        return
+    assert state.kind in ("bound", "neg")
+    assert all(0 < a.port < 65536 and a.weight > 0 for a in state.addrs)
+
+
 def test_empty_list_is_neg() -> None:
     """No passing instance (or no such service) is neg, so a dtab can fall back."""
     assert decode_health(b"[]", None) == NEG
@@ -437,3 +457,23 @@ def test_registry_builds_the_namer_lazily() -> None:
     assert isinstance(namers[("#", "io.l5d.consul")], ConsulNamer)
     with pytest.raises(ValueError, match=r"namers\[0\]\.port: bad value 'x'"):
         build_namers([{"kind": "io.l5d.consul", "port": "x"}], harness.ctx)
+
+
+def test_a_bug_is_reported_and_the_source_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception is a reported failure, not the end of the name's source."""
+    real = ConsulQuery.on_response
+    calls = []
+
+    def flaky(self: ConsulQuery, *args: Any) -> Update | Failure:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self, *args)
+    monkeypatch.setattr(ConsulQuery, "on_response", flaky)
+
+    async def scenario(agent: FakeConsul, namer: ConsulNamer, harness: Harness) -> None:
+        agent.register("web", "w1", "10.1.0.1", 80)
+        log = StateLog(namer.watch(("dc1", "web")))
+        await log.until(is_set("10.1.0.1:80"))
+        assert log.states[1].error == "internal error: RuntimeError('boom')"
+    run(scenario)

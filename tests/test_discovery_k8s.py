@@ -273,6 +273,28 @@ def test_bad_events_fail_and_relist(line: bytes, message: str) -> None:
     assert m.phase == "list" and m.delay(5.0) == pytest.approx(1.5)
 
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-1, 70000) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "object", "metadata", "name", "resourceVersion", "labels",
+                         "endpoints", "addresses", "conditions", "ready", "ports", "port",
+                         "code", "targetRef", "kind"]), inner, max_size=5),
+    max_leaves=25)
+
+
+@given(st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"]), JSON)
+def test_any_event_is_an_outcome_never_a_crash(kind: str, obj: Any) -> None:
+    """Whatever object an event carries, the machine answers with an outcome."""
+    m = machine()
+    listed(m)
+    out = m.on_event(0.0, event(kind, obj))
+    assert out is None or isinstance(out, Changed | Failure)
+    if isinstance(out, Failure):
+        assert m.phase == "list"
+    for port in ("http", 80):
+        assert endpoint_state(m.slices, port).kind in ("bound", "neg")
+
+
 def test_timing_min_delay_and_backoff() -> None:
     """Requests are min_delay apart; failures back off (2 -> 1.5, 4 -> 3, cap 8 -> 6)."""
     m = machine()

@@ -255,7 +255,7 @@ _VALUE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size
     str.strip)
 
 
-@given(st.dictionaries(st.from_regex(r"X-[A-Za-z0-9-]{1,12}", fullmatch=True), _VALUE,
+@given(st.dictionaries(st.from_regex(r"X-[a-z0-9-]{1,12}", fullmatch=True), _VALUE,
                        max_size=5))
 def test_request_head_parses_as_sent(headers: dict[str, str]) -> None:
     """Any printable header values survive a strict parser (h11) unchanged."""

@@ -235,7 +235,10 @@ def _entry_address(entry: Any, dc: str | None, where: str) -> Address | None:
     weights = service.get("Weights") or {}
     passing = weights.get("Passing") if isinstance(weights, dict) else None
     weight = float(passing) if isinstance(passing, int | float) and passing > 0 else 1.0
-    meta = {str(k): str(v) for k, v in (service.get("Meta") or {}).items()}
+    raw_meta = service.get("Meta") or {}
+    if not isinstance(raw_meta, dict):
+        raise DecodeError(f"{where}: Service.Meta is not an object")
+    meta = {str(k): str(v) for k, v in raw_meta.items()}
     meta["datacenter"] = dc or str(node.get("Datacenter") or "")
     if node.get("Node"):
         meta["node"] = str(node["Node"])

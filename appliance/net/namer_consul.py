@@ -9,6 +9,7 @@ module; this one only awaits.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from appliance.discovery.consul import (
 )
 from appliance.discovery.registry import register
 from appliance.net import httpclient
+
+log = logging.getLogger(__name__)
 
 
 def tls_context(ca_file: str | None, option: str = "ca_file") -> ssl.SSLContext:
@@ -87,15 +90,20 @@ class ConsulNamer(Namer):
             await asyncio.sleep(query.delay(clock()))
             query.sent(clock())
             try:
-                response = await httpclient.get(self.opts.base_url + query.path,
-                                                query.headers, ssl=self._ssl,
-                                                timeout=query.timeout)
-            except httpclient.HTTPClientError as exc:
-                outcome: Update | Failure = query.on_error(clock(), str(exc))
-            else:
-                outcome = query.on_response(clock(), response.status, response.headers,
-                                            response.body)
+                outcome = await self._ask(query)
+            except Exception as exc:  # a bug must not end discovery of this name
+                log.exception("discovery: %s %s: internal error", KIND, "/".join(name))
+                outcome = query.on_error(clock(), f"internal error: {exc!r}")
             self._publish(name, watch, outcome)
+
+    async def _ask(self, query: ConsulQuery) -> Update | Failure:
+        try:
+            response = await httpclient.get(self.opts.base_url + query.path, query.headers,
+                                            ssl=self._ssl, timeout=query.timeout)
+        except httpclient.HTTPClientError as exc:
+            return query.on_error(self.ctx.clock(), str(exc))
+        return query.on_response(self.ctx.clock(), response.status, response.headers,
+                                 response.body)
 
     def _publish(self, name: Name, watch: Watch, outcome: Update | Failure) -> None:
         if isinstance(outcome, Update):

@@ -12,6 +12,7 @@ CA. All loop decisions live in the pure module; this one only awaits.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ from appliance.net import httpclient
 from appliance.net.namer_consul import cancel_all, tls_context
 
 _MAX_ERROR_BODY = 65536
+log = logging.getLogger(__name__)
 
 
 class TokenError(Exception):
@@ -150,6 +152,11 @@ class K8sNamer(Namer):
                     await self._watch(source, url, headers)
             except (httpclient.HTTPClientError, TokenError) as exc:
                 self._publish(source, machine.on_error(clock(), str(exc)))
+            except Exception as exc:  # a bug must not end discovery of this service
+                log.exception("discovery: %s %s/%s: internal error", KIND,
+                              machine.namespace, machine.service)
+                machine.phase = "list"
+                self._publish(source, machine.on_error(clock(), f"internal error: {exc!r}"))
 
     async def _watch(self, source: _Source, url: str, headers: dict[str, str]) -> None:
         machine, clock = source.machine, self.ctx.clock
