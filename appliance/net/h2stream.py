@@ -91,7 +91,7 @@ class H2Stream:
     __slots__ = (
         "server", "sid", "cs", "up", "us", "headers", "to_up", "to_down", "grpc", "started",
         "response_started", "status", "done", "early", "request_ended", "grpc_status",
-        "deadline", "retried", "head",
+        "deadline", "retried", "head", "target",
     )
 
     def __init__(self, server: Http2Server, cs: Stream, headers: list[tuple[bytes, bytes]],
@@ -115,6 +115,7 @@ class H2Stream:
         self.deadline: asyncio.TimerHandle | None = None
         self.retried = False
         self.head = False  # a HEAD request: the response has no body
+        self.target: Any = None  # the router's pick (appliance.routing.router.Target)
 
 
 # --- moving a stream's parts from one side to the other -----------------------------------

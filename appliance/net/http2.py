@@ -105,9 +105,57 @@ class Http2Server(asyncio.Protocol):
         opening = self.opening
         if opening:
             self.opening = []
+            router = self.d.router
             for stream in opening:
-                if not stream.done:
+                if stream.done:
+                    continue
+                if router is None:
                     self.d.h2pool.attach(stream, self.dst)
+                else:
+                    self.route(router, stream)
+        self.flush()
+        flush_all()
+
+    def route(self, router: Any, stream: H2Stream) -> None:
+        """Logical routing: pick this stream's endpoint (per request, not per connection)."""
+        from appliance.net.route import route_h2
+        from appliance.routing.router import Pending, RouteError
+
+        try:
+            routed = route_h2(router, stream.headers, self.dst,
+                              self.d.config.routing.allow_overrides)
+        except RouteError as exc:
+            self.d.registry.error(self.d.name, exc.kind)
+            respond_error(stream, exc.status, str(exc))
+            return
+        if isinstance(routed, Pending):
+            self.d.spawn(self.await_discovery(router, stream, routed))
+            return
+        stream.target = routed
+        self.d.h2pool.attach(stream, routed.dst)
+
+    async def await_discovery(self, router: Any, stream: H2Stream, pending: Any) -> None:
+        from appliance.routing.router import Pending, RouteError
+
+        try:
+            await pending.wait(self.d.config.routing.bind_timeout)
+        except TimeoutError:
+            pass
+        if stream.done:
+            return
+        try:
+            routed = router.again(pending)
+        except RouteError as exc:
+            self.d.registry.error(self.d.name, exc.kind)
+            respond_error(stream, exc.status, str(exc))
+            routed = None
+        if isinstance(routed, Pending):
+            self.d.registry.error(self.d.name, "discovery_timeout")
+            respond_error(stream, 503, "service discovery has not answered for "
+                                       f"{'/'.join(pending.service.id)}")
+        elif routed is not None:
+            stream.target = routed
+            self.d.h2pool.attach(stream, routed.dst)
         self.flush()
         flush_all()
 
@@ -182,6 +230,8 @@ class Http2Server(asyncio.Protocol):
         s.user = None
         self.streams.pop(s.sid, None)
         stream.done = True
+        if stream.target is not None:
+            stream.target.done(True)  # the client's choice, not the endpoint's failure
         now = self.d.loop.time()
         self.stats.response(stream.status, now - stream.started, "client_reset")
         cancel_upstream(stream, code)
@@ -197,6 +247,8 @@ class Http2Server(asyncio.Protocol):
         if stream is not None:
             s.user = None
             stream.done = True
+            if stream.target is not None:
+                stream.target.done(True)  # the client's request was at fault
             self.streams.pop(sid, None)
             cancel_upstream(stream, CANCEL)
 
@@ -252,6 +304,8 @@ class Http2Server(asyncio.Protocol):
 
     def stream_done(self, stream: H2Stream) -> None:
         stream.done = True
+        if stream.target is not None:
+            stream.target.done(0 < stream.status < 500 and stream.grpc_status in (b"", b"0"))
         if stream.deadline is not None:
             stream.deadline.cancel()
             stream.deadline = None
@@ -286,6 +340,8 @@ class Http2Server(asyncio.Protocol):
         self.opening = []
         for stream in list(self.streams.values()):
             stream.done = True
+            if stream.target is not None:
+                stream.target.done(True)  # the client left
             stream.cs.user = None
             cancel_upstream(stream, CANCEL)
         self.streams.clear()

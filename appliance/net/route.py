@@ -158,11 +158,19 @@ def build_router(d: Direction) -> Router | None:
     from appliance.balance.balancer import make_balancer
     from appliance.discovery.registry import build_namers
 
+    failing: set[tuple[str, tuple[str, ...]]] = set()
+
     def report(namer: str, name: tuple[str, ...], ok: bool, error: str) -> None:
+        """Every answer and failure is counted; an outage is logged once, and its end."""
         d.registry.discovery(namer, ok)
-        if not ok:
+        key = (namer, name)
+        if not ok and key not in failing:
+            failing.add(key)
             log.warning("discovery: %s %s: %s (keeping the last good addresses)",
                         namer, "/".join(name), error)
+        elif ok and key in failing:
+            failing.discard(key)
+            log.warning("discovery: %s %s answers again", namer, "/".join(name))
 
     ctx = NamerContext(spawn=d.spawn, report=report, clock=d.loop.time)
     namers = build_namers(list(config.namers), ctx)
