@@ -117,8 +117,8 @@ def replicas(network: Callable[..., Network], tmp_path: Path, *, balancer: str,
     net = network("client", "web1", "web2")
     work = tmp_path / "work"
     work.mkdir()
-    (work / "http.py").write_text(NAMED_HTTP)
-    (work / "grpc.py").write_text(NAMED_GRPC)
+    (work / "named_http.py").write_text(NAMED_HTTP)
+    (work / "named_grpc.py").write_text(NAMED_GRPC)
     (work / "grpc_calls.py").write_text(GRPC_CALLS)
     web = [MeshNode(net["web1"]), MeshNode(net["web2"])]
     client = MeshNode(net["client"])
@@ -127,10 +127,10 @@ def replicas(network: Callable[..., Network], tmp_path: Path, *, balancer: str,
     for node, delay in zip(web, (0.0, web2_delay), strict=True):
         node.start_proxy()
         name = node.host.name
-        start_app(node.host, [sys.executable, str(work / "http.py"), str(HTTP_PORT), name,
-                              str(delay)], HTTP_PORT, env=_app_env())
-        start_app(node.host, [sys.executable, str(work / "grpc.py"), str(GRPC_PORT), name],
-                  GRPC_PORT, env=_app_env())
+        start_app(node.host, [sys.executable, str(work / "named_http.py"), str(HTTP_PORT),
+                              name, str(delay)], HTTP_PORT, env=_app_env())
+        start_app(node.host, [sys.executable, str(work / "named_grpc.py"), str(GRPC_PORT),
+                              name], GRPC_PORT, env=_app_env())
     a, b = (node.host.addr for node in web)
     namers = (f'[{{kind: static, services: {{web: ["{a}:{HTTP_PORT}", "{b}:{HTTP_PORT}"], '
               f'greeter: ["{a}:{GRPC_PORT}", "{b}:{GRPC_PORT}"]}}}}]')
