@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from appliance import __version__
-from appliance.admin.server import start_admin
+from appliance.admin.server import AdminRequest, Route, start_admin
 from appliance.config import Config
 from appliance.net.listener import Direction, start_listener
 from appliance.telemetry.metrics import Registry
@@ -43,10 +43,10 @@ class Proxy:
             self.directions.append(d)
             d.start_router()
             self.servers.append(await start_listener(d, side.bind, side.port))
-        routes = {
+        routes: dict[str, Route] = {
             "/metrics": self._metrics,
             "/ready": self._ready,
-            "/live": lambda: (200, "text/plain", b"live\n"),
+            "/live": lambda req: (200, "text/plain", b"live\n"),
         }
         self.servers.append(await start_admin(loop, conf.admin.bind, conf.admin.port, routes))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -58,10 +58,10 @@ class Proxy:
         return {n: s.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
                 for n, s in zip(names, self.servers, strict=True)}
 
-    def _metrics(self) -> tuple[int, str, bytes]:
+    def _metrics(self, req: AdminRequest) -> tuple[int, str, bytes]:
         return 200, "text/plain; version=0.0.4", self.registry.render().encode()
 
-    def _ready(self) -> tuple[int, str, bytes]:
+    def _ready(self, req: AdminRequest) -> tuple[int, str, bytes]:
         return (200, "text/plain", b"ready\n") if self.ready else \
             (503, "text/plain", b"not ready\n")
 
