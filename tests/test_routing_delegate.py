@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
+import sys
 from collections import Counter
 from typing import Any
 
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.routing.delegate import (
+    MAX_TREE_DEPTH,
     DelegateTree,
     DelegationError,
     FailedName,
@@ -165,6 +168,33 @@ def test_exponential_dtab_is_cut_by_max_steps() -> None:
         bind_text(dtab, "/l0", max_steps=500)
     trace = delegate(parse_dtab(dtab), P("/l0"), NAMERS, max_steps=500)
     assert "max_steps=500" in json.dumps(trace.to_dict())
+
+
+def test_bound_trees_nested_too_deep_are_rejected() -> None:
+    """Each lookup nesting another Alt: more than MAX_TREE_DEPTH levels is an error."""
+    def nested(levels: int) -> str:
+        rules = [f"/p{i} => /#/static | /p{i + 1}" for i in range(levels)]
+        return ";".join(rules + [f"/p{levels} => /#/static"])
+
+    tree = bind_text(nested(MAX_TREE_DEPTH), "/p0")
+    assert isinstance(tree, Alt)
+    with pytest.raises(DelegationError, match=f"nested deeper than {MAX_TREE_DEPTH} levels"):
+        bind_text(nested(MAX_TREE_DEPTH + 1), "/p0")
+
+
+def test_running_out_of_stack_is_a_delegation_error() -> None:
+    """With little stack left, bind raises DelegationError and delegate an exception node."""
+    dtab = parse_dtab(_chain(100))
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 80)
+    try:
+        with pytest.raises(DelegationError, match="nests too deeply"):
+            bind(dtab, P("/p0"), NAMERS)
+        trace = delegate(dtab, P("/p0"), NAMERS)
+    finally:
+        sys.setrecursionlimit(old)
+    assert (trace.kind, trace.message) == ("exception", "delegation nests too deeply")
+    assert bind(dtab, P("/p0"), NAMERS) == B("/#/static")
 
 
 def test_branches_after_a_fail_are_not_bound() -> None:

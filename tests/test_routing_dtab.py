@@ -148,11 +148,11 @@ def test_matches_reports_which_dentry_rewrote_what() -> None:
 
 @pytest.mark.parametrize(("build", "error"), [
     (lambda: Dentry(("a", ""), Neg), ValueError),
-    (lambda: Dentry(("a", 1), Neg), ValueError),
-    (lambda: Dentry(["a"], Neg), TypeError),
-    (lambda: Dtab([D("/a=>/b")]), TypeError),
-    (lambda: Dtab(("/a=>/b",)), TypeError),
-    (lambda: parse_dtab(None), TypeError),
+    (lambda: Dentry(("a", 1), Neg), ValueError),  # type: ignore[arg-type]
+    (lambda: Dentry(["a"], Neg), TypeError),  # type: ignore[arg-type]
+    (lambda: Dtab([D("/a=>/b")]), TypeError),  # type: ignore[arg-type]
+    (lambda: Dtab(("/a=>/b",)), TypeError),  # type: ignore[arg-type]
+    (lambda: parse_dtab(None), TypeError),  # type: ignore[arg-type]
 ])
 def test_constructors_reject_nonsense(build: Any, error: type[Exception]) -> None:
     """Bad prefixes and non-Dentry contents fail at construction with a clear error."""

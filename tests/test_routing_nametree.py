@@ -76,6 +76,7 @@ def test_parse_tree_table(text: str, tree: NameTree[Any]) -> None:
     ("?", 1, "unexpected '?'"),
     ("/a | 0.5 * ", 12, "unexpected end of input"),
     ("9" * 400 + " * /a", 1, "weight " + "9" * 20 + "... is too large"),
+    ("(" * 40 + "/a" + ")" * 40, 33, "parentheses nest deeper than 32"),
 ])
 def test_parse_tree_errors_name_the_position(text: str, position: int, message: str) -> None:
     """A bad tree raises RoutingSyntaxError at the right 1-based position."""
@@ -210,6 +211,15 @@ def test_constructors_reject_nonsense(build: Any) -> None:
     """Empty Alt/Union, bad weights and bad bound ids are clear ValueErrors."""
     with pytest.raises((ValueError, TypeError)):
         build()
+
+
+def test_nesting_up_to_the_limit_parses() -> None:
+    """32 levels of parentheses are fine; the limit only stops hostile input."""
+    assert parse_tree("(" * 32 + "/a" + ")" * 32) == a
+    deep = "/a"
+    for _ in range(31):
+        deep = f"/b | ({deep} & /c)"
+    assert parse_tree(show_tree(parse_tree(deep))) == parse_tree(deep)
 
 
 def test_map_tree_changes_only_leaves() -> None:

@@ -17,7 +17,8 @@ from appliance.routing.path import (
 
 segments = st.one_of(
     st.text(alphabet=sorted(SHOWABLE), min_size=1, max_size=8),
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)),  # type: ignore[arg-type]
+            min_size=1, max_size=8),
 )
 paths = st.lists(segments, max_size=5).map(tuple)
 

@@ -22,6 +22,8 @@ sub-trees cost nothing more; a path that reappears inside its own expansion is a
 raises :class:`DelegationError` at once, and so does a chain of more than ``max_depth``
 lookups (for example ``/a => /a/x``, which grows without repeating) or more than
 ``max_steps`` expansions in all (a bound on the work a hostile ``l5d-dtab`` can cause).
+The stack is bounded too: a bound tree nested deeper than :data:`MAX_TREE_DEPTH` is an
+error, and so, as a last resort, is running out of Python stack while binding.
 
 :func:`delegate` walks the same way without memo and records every step in a
 :class:`DelegateTree` for the admin API; its errors become ``exception`` nodes instead of
@@ -54,6 +56,8 @@ from appliance.routing.path import Path, RoutingError, check_path, show_path
 Namers = Mapping[Path, int]
 
 _SHOW_MAX = 200
+MAX_TREE_DEPTH = 64
+"""A bound tree may nest Alt and Union nodes this deep (so :func:`choose` stays shallow)."""
 
 
 class DelegationError(RoutingError):
@@ -256,7 +260,22 @@ def bind(dtab: Dtab, path: Path, namers: Namers, *, max_depth: int = 100,
     _check_limits(max_depth, max_steps)
     binder = _Binder(dtab, namers, max_depth, max_steps)
     binder.root = path
-    return binder.bind_path(path, 0)[0]
+    try:
+        tree = binder.bind_path(path, 0)[0]
+    except RecursionError:
+        raise DelegationError(f"delegation of {_show(path)} nests too deeply") from None
+    if _tree_depth(tree) > MAX_TREE_DEPTH:
+        raise DelegationError(f"delegation of {_show(path)} gives a tree nested deeper than "
+                              f"{MAX_TREE_DEPTH} levels")
+    return tree
+
+
+def _tree_depth(tree: NameTree[Any]) -> int:
+    if isinstance(tree, Alt):
+        return 1 + max(_tree_depth(t) for t in tree.trees)
+    if isinstance(tree, Union):
+        return 1 + max(_tree_depth(w.tree) for w in tree.weighted)
+    return 0
 
 
 # ---------------------------------------------------------------------------- delegate (trace)
@@ -313,7 +332,10 @@ class DelegateTree:
                             for w, c in zip(self.weights, self.children, strict=True))
         if kind == "exception":
             raise DelegationError(self.message)
-        return {"neg": Neg, "fail": Fail, "empty": Empty}[kind]
+        return _CONSTANTS[kind]
+
+
+_CONSTANTS: dict[str, NameTree[Bound]] = {"neg": Neg, "fail": Fail, "empty": Empty}
 
 
 class _Tracer:
@@ -394,7 +416,10 @@ def delegate(dtab: Dtab, path: Path, namers: Namers, *, max_depth: int = 100,
     problem is an ``exception`` node)."""
     check_path(path)
     _check_limits(max_depth, max_steps)
-    return _Tracer(dtab, namers, max_depth, max_steps).path_node(path, None, 0)
+    try:
+        return _Tracer(dtab, namers, max_depth, max_steps).path_node(path, None, 0)
+    except RecursionError:
+        return DelegateTree("exception", path, message="delegation nests too deeply")
 
 
 # ---------------------------------------------------------------------------- choose

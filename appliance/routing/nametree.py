@@ -7,7 +7,8 @@ three constants: ``Neg`` (no such name: an ``Alt`` moves on to its next branch),
 in it: an ``Alt`` also stops there). Trees of paths are what dtabs hold; trees of
 :class:`Bound` names are what delegation produces.
 
-Concrete syntax, as Finagle's (``&`` binds tighter than ``|``)::
+Concrete syntax, as Finagle's (``&`` binds tighter than ``|``; parentheses nest at most
+:data:`MAX_NESTING` deep)::
 
     tree     ::= union ('|' union)*
     union    ::= weighted ('&' weighted)*
@@ -32,6 +33,8 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 DEFAULT_WEIGHT = 1.0
+MAX_NESTING = 32
+"""Parentheses nest at most this deep, so hostile text cannot exhaust the stack."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +187,15 @@ def _read_simple(sc: Scanner) -> NameTree[Path]:
     if ch == "/":
         return Leaf(sc.path())
     if ch == "(":
+        if sc.depth >= MAX_NESTING:
+            raise sc.error(f"parentheses nest deeper than {MAX_NESTING}")
         sc.pos += 1
+        sc.depth += 1
         tree = read_tree(sc)
         sc.skip_space()
         if not sc.eat(")"):
             raise sc.unexpected("')'")
+        sc.depth -= 1
         return tree
     for constant in (Neg, Fail, Empty):
         if ch == constant._symbol:

@@ -74,6 +74,7 @@ class Scanner:
             raise TypeError(f"expected text (str), got {type(text).__name__}")
         self.text = text
         self.pos = 0
+        self.depth = 0  # parentheses open, for the name-tree parser's nesting limit
 
     def peek(self) -> str:
         """The next character, or ``""`` at the end of input."""
