@@ -48,11 +48,15 @@ def run_proxy(args: argparse.Namespace) -> int:
     from appliance import config as cfg
     from appliance import env
 
-    try:
-        path = args.config or os.environ.get(env.CONFIG_FILE)
+    path = args.config or os.environ.get(env.CONFIG_FILE)
+
+    def load() -> cfg.Config:
         file_data = cfg.load_file(path) if path else None
-        conf = cfg.load(file_data=file_data, environ=os.environ,
+        return cfg.load(file_data=file_data, environ=os.environ,
                         overrides=_proxy_overrides(args))
+
+    try:
+        conf = load()
     except cfg.ConfigError as exc:
         print(f"appliance: config error: {exc}", file=sys.stderr)
         return 2
@@ -61,7 +65,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         return 0
     from appliance.proxy import serve
 
-    return serve(conf)
+    return serve(conf, reload=load, config_file=path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -201,6 +201,9 @@ class Config:
     (docs/discovery.md). A dtab reaches one as ``/#/<kind>`` (or its ``prefix``)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
+    shutdown_grace: float = 30.0
+    """Seconds that in-flight requests, streams and tunnels get to finish after SIGTERM
+    (or POST /shutdown) before the proxy closes them and exits."""
     instance_id: str = ""
     """Name of this proxy in Via headers and logs; empty means a random 8-hex id."""
 
@@ -211,7 +214,8 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 _DURATION_FIELDS = {"connect_timeout", "timeout", "header_timeout", "response_timeout",
                     "idle_timeout", "pool_idle_timeout", "keepalive_interval",
-                    "keepalive_timeout", "decay", "default_rtt", "bind_timeout"}
+                    "keepalive_timeout", "decay", "default_rtt", "bind_timeout",
+                    "shutdown_grace"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _CHOICES = {
     "fallback": ("orig_dst", "fail"),

@@ -122,6 +122,14 @@ class Http1Server(asyncio.Protocol):
         self.wants_close = True
         return True
 
+    def drain(self) -> None:
+        """Graceful shutdown: an idle connection is closed now; a busy one after its
+        current response, which says ``Connection: close``."""
+        if self.ex is None and not self.queue:
+            self.close()
+        else:
+            self.wants_close = True
+
     wants_close = False
     # While a read is parsed, writes to a freshly attached upstream are collected and sent
     # as one write after the parse (head and body of a small request in one syscall).

@@ -13,6 +13,7 @@ driver with the bytes read so far.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -55,6 +56,7 @@ class Direction:
         self.h2pool = H2Pool(self)
         self.http_conns: set[Http1Server] = set()
         self.h2_conns: set[Http2Server] = set()
+        self.relays: set[Relay] = set()  # opaque connections and tunnels
         self.tasks: set[asyncio.Task[Any]] = set()
         self._tcp: dict[tuple[str, str], TcpStats] = {}
         self.router: Any = None  # the Router, set by start_router() when a dtab is set
@@ -65,6 +67,21 @@ class Direction:
             from appliance.net.route import build_router
 
             self.router = build_router(self)
+
+    def swap_routing(self, config: Config) -> None:
+        """Config reload: a new router from ``config``'s routing sections replaces the old
+        one (built first, so a namer that cannot be built leaves the old in place)."""
+        self.config = dataclasses.replace(self.config, routing=config.routing,
+                                          balancer=config.balancer, namers=config.namers)
+        old = self.router
+        self.router = None
+        try:
+            self.start_router()
+        except BaseException:
+            self.router = old
+            raise
+        if old is not None:
+            old.close()
 
     def close_router(self) -> None:
         if self.router is not None:

@@ -90,6 +90,7 @@ class Relay:
         self._held_len = len(early)
         self._closed = False
         self._connect: asyncio.Task[Any] | None = None
+        direction.relays.add(self)  # so a graceful shutdown can wait for it
 
     def start(self, early_eof: bool) -> None:
         transport = self.down.transport
@@ -165,6 +166,7 @@ class Relay:
         if self._closed:
             return
         self._closed = True
+        self.direction.relays.discard(self)
         if self._connect is not None and not self._connect.done():
             self._connect.cancel()
         for side in (self.down, self.up):

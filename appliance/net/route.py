@@ -101,7 +101,8 @@ def route_http1(router: Router, head: Any, dst: OrigDst, allow: bool) -> Target 
         target = "/" if slash < 0 else rest[slash:]
     view = RequestView(method=head.method.decode("latin-1"), authority=authority,
                        path=target, headers=LazyHeaders(head.headers),
-                       dst=(dst.host, dst.port), protocol="http/1")
+                       dst=(dst.host, dst.port), protocol="http/1",
+                       version=head.version.decode("latin-1"))
     return router.route(view, override, text)
 
 

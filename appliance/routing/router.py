@@ -32,11 +32,11 @@ from typing import Any
 
 from appliance.discovery.base import PENDING, Address, AddrState, Namer, Watch, bound
 from appliance.net.addr import OrigDst
-from appliance.routing.delegate import DelegationError, bind, choose
+from appliance.routing.delegate import DelegationError, FailedName, bind, choose
 from appliance.routing.dtab import Dtab
 from appliance.routing.identify import RequestView
 from appliance.routing.nametree import Bound
-from appliance.routing.path import Path, show_path
+from appliance.routing.path import Path, RoutingSyntaxError, show_path
 
 _BIND_CACHE_MAX = 4096
 
@@ -145,7 +145,10 @@ class Router:
     def route(self, view: RequestView, override: Dtab | None = None,
               override_text: str = "") -> Target | Pending:
         """Pick the endpoint for one request (raises :class:`RouteError`)."""
-        path = self.identify(view)
+        try:
+            path = self.identify(view)
+        except RoutingSyntaxError as exc:  # a header identifier given a non-path
+            raise RouteError(400, f"cannot name the request: {exc}", "bad_name") from None
         if path is None:
             return self.fallback(view, "no name for the request")
         tree = self.bind(path, override if self.allow_overrides else None, override_text)
@@ -157,7 +160,11 @@ class Router:
                 pending.append(service)
             return service.usable
 
-        chosen = choose(tree, self.rng, usable)
+        try:
+            chosen = choose(tree, self.rng, usable)
+        except FailedName:
+            raise RouteError(502, f"no route: {show_path(path)} delegates to a failure (!)",
+                             "no_route") from None
         if chosen is None:
             if pending:
                 return Pending(pending[0], view, override, override_text)

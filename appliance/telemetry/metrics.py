@@ -73,6 +73,7 @@ class Registry:
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.discovery_results: dict[tuple[str, str], int] = {}
+        self.config_reloads = {"ok": 0, "error": 0}
         self.start_time = time.time()
 
     def http(self, direction: str, protocol: str = "http/1") -> HttpStats:
@@ -98,6 +99,9 @@ class Registry:
         """Count one answer (or failure) of a service-discovery source."""
         key = (namer, "ok" if ok else "error")
         self.discovery_results[key] = self.discovery_results.get(key, 0) + 1
+
+    def config_reload(self, ok: bool) -> None:
+        self.config_reloads["ok" if ok else "error"] += 1
 
     # --- exposition ----------------------------------------------------------------------
     def render(self) -> str:
@@ -169,6 +173,10 @@ class Registry:
         for (namer, result), n in sorted(self.discovery_results.items()):
             out.append(f"discovery_updates_total{_fmt((('namer', namer), ('result', result)))}"
                        f" {n}")
+        _family(out, "config_reloads_total", "counter",
+                "Config reloads (SIGHUP or a changed file) applied (ok) or rejected (error).")
+        for result, n in self.config_reloads.items():
+            out.append(f"config_reloads_total{_fmt((('result', result),))} {n}")
 
 
 def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
