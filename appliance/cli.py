@@ -1,4 +1,4 @@
-"""The ``appliance`` command: ``proxy``, ``init``, ``demo``.
+"""The ``appliance`` command: ``proxy``, ``init``, ``demo``, ``await``.
 
 Exit codes are documented in docs/cli.md. Each subcommand's flags are defined beside its
 code (``init.cli`` for ``init``) and registered here.
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance import demo
 
     demo.add_parser(sub)
+    from appliance import await_cmd
+
+    await_cmd.add_parser(sub)
     return parser
 
 

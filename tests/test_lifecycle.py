@@ -156,3 +156,33 @@ def _refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_await_runs_the_app_then_stops_the_proxy(tmp_path: Path) -> None:
+    """appliance await waits for /ready, runs the command, keeps its exit code, and with
+    --shutdown stops the proxy when the command ends."""
+    import subprocess
+    import sys
+
+    p = ProxyProcess()
+    marker = tmp_path / "ran"
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "await", "--admin", f"127.0.0.1:{p.admin}",
+         "--shutdown", "--", sys.executable, "-c",
+         f"open({str(marker)!r}, 'w').write('x'); raise SystemExit(3)"],
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3, done.stderr
+    assert marker.read_text() == "x"
+    assert p.proc.wait(15) == 0
+
+
+def test_await_gives_up_when_no_proxy() -> None:
+    """No proxy answering: await exits 1 after its timeout and never runs the command."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "await", "--admin", f"127.0.0.1:{free_port()}",
+         "--timeout", "0.5", "--", "false-command-never-run"],
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "not ready" in done.stderr
