@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -125,3 +126,65 @@ def exchange(port: int, script, *, until_stream: int, timeout: float = 10.0) -> 
             out = conn.data_to_send()
             if out:
                 s.sendall(out)
+
+
+# --- in memory: a recording handler for the codec, and raw frames ------------------------
+
+class Recorder:
+    """A codec handler that records each call as a tuple (stream ids, not objects)."""
+
+    def __init__(self, ack: bool = True) -> None:
+        self.events: list[tuple] = []
+        self.ack = ack  # credit received DATA back at once
+        self.conn: Any = None
+
+    def on_head(self, s, headers, end):
+        self.events.append(("head", s.sid, list(headers), end))
+
+    def on_info(self, s, headers):
+        self.events.append(("info", s.sid, list(headers)))
+
+    def on_data(self, s, data, flow, end):
+        self.events.append(("data", s.sid, data, end))
+        if self.ack and self.conn is not None:
+            self.conn.ack(s, flow)
+
+    def on_trailers(self, s, headers):
+        self.events.append(("trailers", s.sid, list(headers)))
+
+    def on_reset(self, s, code):
+        self.events.append(("reset", s.sid, code))
+
+    def on_stream_error(self, s, sid, kind, reason):
+        self.events.append(("stream_error", sid, kind))
+
+    def on_window(self, s):
+        self.events.append(("window", s.sid if s is not None else 0))
+
+    def on_settings(self):
+        self.events.append(("settings",))
+
+    def on_ping_ack(self, data):
+        self.events.append(("ping_ack", data))
+
+    def on_goaway(self, last_sid, code):
+        self.events.append(("goaway", last_sid, code))
+
+    def on_control(self):
+        pass
+
+    def of(self, kind: str) -> list[tuple]:
+        return [e for e in self.events if e[0] == kind]
+
+
+def frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """Split bytes into (type, flags, stream id, payload)."""
+    out = []
+    pos = 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos:pos + 3], "big")
+        out.append((data[pos + 3], data[pos + 4],
+                    int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF,
+                    data[pos + 9:pos + 9 + length]))
+        pos += 9 + length
+    return out

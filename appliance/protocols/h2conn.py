@@ -267,11 +267,12 @@ class H2Connection(H2State):
         s = self.streams.get(sid)
         if flags & _SELF_DEPENDENT:
             self._self_dependent(s, sid, block)
-        elif s is None:
-            if self.client or not self._idle(sid):
-                self._late_headers(sid, block)
-            else:
+            return
+        if s is None:
+            if not self.client and sid & 1 and sid > self.highest_remote:
                 self._new_request(sid, block, end)
+            else:
+                self._late_headers(sid, block)
             return
         entry = self._decode(block)
         if entry is None:
@@ -287,7 +288,7 @@ class H2Connection(H2State):
     def _self_dependent(self, s: Stream | None, sid: int, block: bytes) -> None:
         """HEADERS whose priority names its own stream: a stream error (RFC 9113 §5.3.1),
         after the block was decoded to keep the HPACK table in step."""
-        if s is None and (self.client or not self._idle(sid)):
+        if s is None and (self.client or not sid & 1 or sid <= self.highest_remote):
             self._late_headers(sid, block)
             return
         self._decode(block)
