@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance import __version__
+from appliance.admin import api as admin_api
 from appliance.admin.server import AdminRequest, Route, start_admin
 from appliance.config import Config
 from appliance.net.listener import Direction, start_listener
@@ -71,6 +72,7 @@ class Proxy:
             "/live": lambda req: (200, "text/plain", b"live\n"),
             "/shutdown": self._shutdown,
         }
+        routes.update(admin_api.routes(self))
         self.servers.append(await start_admin(loop, conf.admin.bind, conf.admin.port, routes,
                                               post=frozenset({"/shutdown"})))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)

@@ -6,16 +6,17 @@ histogram...); a rate or a percentile "now" is the difference of two readings. T
 :class:`Window` keeps readings (*snapshots*) of every series, taken when ``/api/stats`` is
 polled and at least ``min_gap`` seconds apart, for ``span`` seconds. Two things come out:
 
-- :meth:`Window.recent`: current counters minus the oldest snapshot still in the window
-  (about ``span`` seconds ago), with the elapsed time: the rates, success rate and
-  p50/p95/p99 that the dashboard prints;
+- :meth:`Window.recent`: current counters minus the oldest snapshot of the last ``span``
+  seconds, with the elapsed time: the rates, success rate and p50/p95/p99 that the
+  dashboard prints;
 - :meth:`Window.history`: for each pair of consecutive snapshots, the difference and the
   time between them, for the last ``history`` snapshots: the points of the small charts.
 
 Nothing runs between polls: with no dashboard open the window costs nothing but the last
-few snapshots, and the first poll after a quiet spell simply spans that spell. A counter
-that went down (its series expired and came back) counts from zero. A series absent from
-a poll is forgotten. The clock is a parameter, so tests are exact.
+few snapshots; the first poll after a quiet spell spans that spell (there is no newer
+reading), the next ones only the seconds since. A counter that went down (its series
+expired and came back) counts from zero. A series absent from a poll is forgotten. The
+clock is a parameter, so tests are exact.
 
 Percentiles come from the bucket counts with linear interpolation inside the bucket, as
 Prometheus' ``histogram_quantile`` does: the first bucket starts at 0, and a rank in the
@@ -105,17 +106,24 @@ class Window:
                     points = self._history[key] = deque(maxlen=self.history_len)
                 points.append((now, (elapsed, growth(counters, last[1].get(key)))))
         self._snaps.append((now, snap))
-        while len(self._snaps) > 2 and self._snaps[1][0] <= now - self.span:
+        while len(self._snaps) > 2 and self._snaps[0][0] < now - self.span:
             self._snaps.popleft()
         return now
 
     def recent(self, key: Hashable, current: Counters) -> Delta | None:
-        """Growth of ``current`` since the oldest snapshot in the window (about ``span``
-        seconds ago); None until a snapshot older than the last :meth:`update` exists."""
+        """Growth of ``current`` since the oldest snapshot of the last ``span`` seconds (or,
+        if there is none, the newest one before); None while every snapshot was taken at
+        the last :meth:`update`."""
+        base = None
         for then, snap in self._snaps:
-            if then < self.now:
-                return self.now - then, growth(current, snap.get(key))
-        return None
+            if then >= self.now:
+                break
+            base = (then, snap)
+            if then >= self.now - self.span:
+                break
+        if base is None:
+            return None
+        return self.now - base[0], growth(current, base[1].get(key))
 
     def history(self, key: Hashable) -> list[tuple[float, Delta]]:
         """``(age, (elapsed, growth))`` per interval, oldest first; ``age`` is how many
