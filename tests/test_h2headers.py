@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.protocols.h2headers import request_problem, trailers_problem
+from appliance.protocols.h2headers import (
+    content_length,
+    request_info,
+    request_problem,
+    response_info,
+    response_problem,
+    trailers_problem,
+)
 
 GOOD = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
         (b":authority", b"a"), (b"accept", b"*/*"), (b"te", b"trailers")]
@@ -53,3 +60,40 @@ def test_never_raises(headers: list[tuple[bytes, bytes]]) -> None:
     """Any header list gets a verdict without raising."""
     result = request_problem(headers)
     assert result is None or isinstance(result, str)
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ([(b":status", b"200"), (b"server", b"x")], None),
+    ([(b"server", b"x")], "missing :status"),
+    ([(b"server", b"x"), (b":status", b"200")], "not first"),
+    ([(b":status", b"200"), (b":status", b"204")], "not first"),
+    ([(b":status", b"20")], "invalid :status"),
+    ([(b":status", b"abc")], "invalid :status"),
+    ([(b":status", b"200"), (b":path", b"/")], "pseudo-header"),
+    ([(b":status", b"200"), (b"keep-alive", b"1")], "connection-specific"),
+])
+def test_response_heads(headers: list[tuple[bytes, bytes]], expected: str | None) -> None:
+    """A response head needs one 3-digit :status, first, and no request pseudo-headers."""
+    problem = response_problem(headers)
+    assert problem is None if expected is None else expected in (problem or "")
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ([], None),
+    ([(b"content-length", b"5")], 5),
+    ([(b"content-length", b"5"), (b"content-length", b"5")], 5),
+    ([(b"content-length", b"5"), (b"content-length", b"6")], "conflicting"),
+    ([(b"content-length", b"-1")], "not a number"),
+])
+def test_content_length(headers: list[tuple[bytes, bytes]], expected: object) -> None:
+    """Repeated equal values are one length; differing or non-numeric ones are named."""
+    got = content_length(headers)
+    assert got == expected if not isinstance(expected, str) else expected in str(got)
+
+
+def test_info_helpers() -> None:
+    """request_info and response_info give the verdict and the length in one call."""
+    assert request_info([*GOOD, (b"content-length", b"3")]) == (None, 3)
+    assert request_info([(b":method", b"GET")])[0] == "missing :scheme"
+    assert response_info([(b":status", b"204")]) == (None, 204, None)
+    assert response_info([(b":status", b"200"), (b"content-length", b"x")])[0]

@@ -18,10 +18,13 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import h2peer
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from support import ProxyProcess, free_port, proxy, wait_for
+
+from appliance.protocols.h2frames import frame as h2frame
 
 pytestmark = pytest.mark.skipif(shutil.which("nghttpd") is None or shutil.which("h2load")
                                 is None, reason="needs nghttp2-server and nghttp2-client")
@@ -503,3 +506,46 @@ def test_a_client_leaving_mid_stream_does_not_hurt_others(grpc_timing_server: in
                 assert remaining(b"", timeout=5)
         assert p.metric("tcp_open_total", protocol="h2", peer="dst") == 1
     assert "Fatal error" not in p.output(), p.output()
+
+
+def test_client_that_does_not_read_is_not_fed_and_cannot_pile_up_answers(
+        tmp_path: Any) -> None:
+    """A client that grants huge windows but never reads its socket: once the proxy's
+    write buffer to it is full, the proxy stops sending DATA (and so stops reading the
+    upstream), and a stream of PINGs whose ACKs can only pile up gets the connection
+    dropped (proxy_errors_total{error="h2_control_backlog"})."""
+    (tmp_path / "huge.bin").write_bytes(b"z" * 50_000_000)
+    with nghttpd_serving(str(tmp_path)) as port:
+        with proxy(f"outbound.orig_dst_override=127.0.0.1:{port}") as p:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(
+                client_side=True, header_encoding=None))
+            conn.initiate_connection()
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+            conn.increment_flow_control_window(2**31 - 1 - 65535)
+            conn.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                  (b":path", b"/huge.bin"), (b":authority", b"t")],
+                              end_stream=True)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                s.connect(("127.0.0.1", p.outbound))
+                s.sendall(conn.data_to_send())
+                last = [-1.0]
+
+                def settled() -> bool:
+                    now = p.metric("tcp_read_bytes_total", protocol="h2", peer="dst")
+                    same = now == last[0]
+                    last[0] = now
+                    return same
+
+                wait_for(settled, timeout=10, interval=0.3, what="upstream reads to stop")
+                assert last[0] < 16_000_000, f"proxy read {last[0]:.0f} bytes upstream"
+                pings = b"".join(h2frame(6, 0, 0, b"%08d" % i) for i in range(400))
+                try:
+                    s.sendall(pings)
+                except OSError:
+                    pass  # already dropped
+                wait_for(lambda: p.metric("proxy_errors_total", error="h2_control_backlog")
+                         == 1, what="the connection to be dropped for its backlog")
+            finally:
+                s.close()
