@@ -24,6 +24,7 @@ from appliance.net.http1 import Http1Server, Pool
 from appliance.net.http2 import Http2Server
 from appliance.net.http2_upstream import H2Pool
 from appliance.net.relay import Relay
+from appliance.net.thrift import start_thrift
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
 from appliance.telemetry.metrics import Registry, TcpStats
@@ -225,6 +226,8 @@ class Accepted(asyncio.Protocol):
             Http1Server(d, self.transport, self.dst).start(self.buf, eof)
         elif protocol is Protocol.HTTP2:
             Http2Server(d, self.transport, self.dst).start(self.buf, eof)
+        elif protocol is Protocol.THRIFT:
+            start_thrift(d, self.transport, self.dst, self.buf, eof)
         else:
             Relay(d, self.transport, self.dst, protocol.value, self.buf).start(eof)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
+from appliance.protocols.thrift import NEED_MORE_BYTES, sniff
+
 
 class Protocol(enum.Enum):
     HTTP1 = "http/1"
@@ -87,55 +89,13 @@ def _check_tls(buf: bytes) -> Verdict | None:
     return Protocol.TLS if buf[5] == 0x01 else None
 
 
-# Thrift message types: CALL=1, REPLY=2, EXCEPTION=3, ONEWAY=4. A client starts with a
-# CALL or ONEWAY.
-_CALL_TYPES = (1, 4)
-
-
-def _thrift_message(buf: bytes) -> Verdict | None:
-    """A Thrift message start: strict binary, compact, or non-strict binary."""
-    if not buf:
-        return NEED_MORE
-    first = buf[0]
-    if first == 0x80:  # strict binary: 0x80 0x01 0x00 <type>
-        want = (0x80, 0x01, 0x00)
-        for i, byte in enumerate(buf[:3]):
-            if byte != want[i]:
-                return None
-        if len(buf) < 4:
-            return NEED_MORE
-        return Protocol.THRIFT if buf[3] in _CALL_TYPES else None
-    if first == 0x82:  # compact: 0x82, then type<<5 | version(1)
-        if len(buf) < 2:
-            return NEED_MORE
-        return Protocol.THRIFT if buf[1] in (0x21, 0x81) else None
-    # Non-strict binary: i32 name length (1..256), name (printable ASCII), type byte.
-    if len(buf) < 4:
-        smallest = int.from_bytes(buf + b"\x00" * (4 - len(buf)), "big")
-        return NEED_MORE if smallest <= 256 else None
-    length = int.from_bytes(buf[:4], "big")
-    if not 0 < length <= 256:
-        return None
-    name = buf[4 : 4 + length]
-    if not all(0x21 <= c < 0x7F for c in name):
-        return None
-    if len(buf) < 4 + length + 1:
-        return NEED_MORE
-    return Protocol.THRIFT if buf[4 + length] in _CALL_TYPES else None
-
-
 def _check_thrift(buf: bytes) -> Verdict | None:
-    unframed = _thrift_message(buf)
-    if unframed is not None:
-        return unframed
-    # Framed transport: a 4-byte big-endian frame length under 16 MiB, then a message.
-    if buf[0] != 0:
-        return None
-    if len(buf) < 4:
+    # Framed or buffered; strict binary, non-strict binary or compact; a CALL or ONEWAY
+    # first (appliance.protocols.thrift.sniff). Other variants (THeader, for one) are opaque.
+    variant = sniff(buf)
+    if variant is NEED_MORE_BYTES:
         return NEED_MORE
-    if int.from_bytes(buf[:4], "big") == 0:
-        return None
-    return _thrift_message(buf[4:])
+    return None if variant is None else Protocol.THRIFT
 
 
 _CHECKS: tuple[Callable[[bytes], Verdict | None], ...] = (
