@@ -13,8 +13,9 @@ one side slows the writer on the other, and the proxy never holds more than the 
 windows. A peer whose socket does not drain (``pause_writing``) counts as a closed window.
 
 Frames are queued on the codecs; whoever queues frames on a connection marks it with
-:func:`touch`, and :func:`flush_all` writes every marked connection once, at the end of
-each read or timer callback (one write per connection per event, whatever the streams).
+:func:`touch`, and :func:`flush_all` writes every marked connection once, after the event
+loop has run the current iteration's callbacks (one write per connection per iteration,
+whatever the streams and reads).
 
 Errors before a response head was sent become a response of the proxy's own: ``502``/
 ``504`` with ``l5d-proxy-error``, or, for gRPC, a trailers-only response with
@@ -26,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from appliance.protocols.h2frames import CANCEL, INTERNAL_ERROR
-from appliance.protocols.h2send import Stream
+from appliance.protocols.h2send import CAN_SEND, Stream
 
 if TYPE_CHECKING:
     from appliance.net.http2 import Http2Server
@@ -67,18 +69,26 @@ def forwardable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
     return [(n, v) for n, v in headers if n not in CONNECTION_SPECIFIC]
 
 
-# --- writing: every connection with queued frames is written once per event --------------
+# --- writing: every connection with queued frames is written once per loop iteration ----
 _dirty: list[Any] = []
+_scheduled = [False]  # a flush_all is pending on the event loop
 
 
 def touch(peer: Any) -> None:
-    """``peer`` (an Http2Server or Http2Upstream) has frames queued on its codec."""
+    """``peer`` (an Http2Server or Http2Upstream) has frames queued on its codec: it is
+    written when the event loop has run this iteration's callbacks. uvloop writes at once
+    on each ``transport.write``, so this is what turns many reads' worth of frames for one
+    shared upstream connection into one syscall."""
     if not peer.dirty:
         peer.dirty = True
         _dirty.append(peer)
+        if not _scheduled[0]:
+            _scheduled[0] = True
+            peer.d.loop.call_soon(flush_all)
 
 
 def flush_all() -> None:
+    _scheduled[0] = False
     while _dirty:
         peer = _dirty.pop()
         peer.dirty = False
@@ -94,22 +104,24 @@ class H2Stream:
         "deadline", "retried", "head", "target",
     )
 
-    def __init__(self, server: Http2Server, cs: Stream, headers: list[tuple[bytes, bytes]],
+    def __init__(self, server: Http2Server, cs: Stream, headers: Sequence[tuple[bytes, bytes]],
                  grpc: bool, now: float) -> None:
         self.server = server
         self.sid = cs.sid
         self.cs = cs
         self.up: Http2Upstream | None = None
         self.us: Stream | None = None
-        self.headers = headers
-        self.to_up: list[list[Any]] = []  # [data or trailers, end, flow length] waiting
-        self.to_down: list[list[Any]] = []
+        self.headers = headers  # as sent upstream
+        # Parts waiting for a window, each [data or trailers, end, flow length]; an empty
+        # tuple until the first one (most streams never queue anything).
+        self.to_up: list[list[Any]] | tuple[()] = ()
+        self.to_down: list[list[Any]] | tuple[()] = ()
+        self.early: list[Any] | tuple[()] = ()  # request parts before the upstream stream
         self.grpc = grpc
         self.started = now
         self.response_started = False
         self.status = 0
         self.done = False
-        self.early: list[Any] = []  # request parts that came before the upstream stream
         self.request_ended = False  # END_STREAM came on the request's HEADERS frame
         self.grpc_status = b""
         self.deadline: asyncio.TimerHandle | None = None
@@ -127,15 +139,21 @@ def to_upstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
             touch(stream.server)
         return
     if stream.up is None:
-        stream.early.append((data, end, length))
+        if stream.early:
+            stream.early.append((data, end, length))  # type: ignore[union-attr]
+        else:
+            stream.early = [(data, end, length)]
         return
-    stream.to_up.append([data, end, length])
+    if stream.to_up:
+        stream.to_up.append([data, end, length])  # type: ignore[union-attr]
+    else:
+        stream.to_up = [[data, end, length]]
     drain(stream, down=False)
 
 
 def to_downstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
     if stream.to_down:
-        stream.to_down.append([data, end, length])
+        stream.to_down.append([data, end, length])  # type: ignore[union-attr]
         drain(stream, down=True)
         return
     server = stream.server
@@ -152,7 +170,7 @@ def to_downstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
         if end:
             finish_side(stream, True)
         return
-    stream.to_down.append([data, end, length])
+    stream.to_down = [[data, end, length]]
     drain(stream, down=True)
 
 
@@ -167,7 +185,7 @@ def drain(stream: H2Stream, *, down: bool) -> None:
     else:
         dst, dst_s, src, src_s, queue = (stream.up, stream.us, stream.server, stream.cs,
                                          stream.to_up)
-    if dst is None or dst_s is None or dst.write_paused:
+    if dst is None or dst_s is None or dst.write_paused or not queue:
         return
     conn = dst.conn
     touch(dst)
@@ -175,16 +193,16 @@ def drain(stream: H2Stream, *, down: bool) -> None:
         item = queue[0]
         data, end, length = item
         if data.__class__ is list:  # trailers
-            queue.pop(0)
+            queue.pop(0)  # type: ignore[union-attr]
             conn.send_headers(dst_s, data, True)
             finish_side(stream, down)
             continue
         if data:
             window = conn.window(dst_s)
             if window <= 0:
-                if conn.closed or dst_s.state in (2, 4):  # it can never send: drop
+                if conn.closed or not CAN_SEND[dst_s.state]:  # it never can: drop it all
                     _credit(src, src_s, sum(i[2] for i in queue))
-                    queue.clear()
+                    queue.clear()  # type: ignore[union-attr]
                 return
             if len(data) > window:
                 conn.send_data(dst_s, data[:window], False)
@@ -195,7 +213,7 @@ def drain(stream: H2Stream, *, down: bool) -> None:
             conn.send_data(dst_s, data, end)
         elif end:
             conn.send_data(dst_s, b"", True)
-        queue.pop(0)
+        queue.pop(0)  # type: ignore[union-attr]
         _credit(src, src_s, length)
         if end:
             finish_side(stream, down)
@@ -222,17 +240,32 @@ def finish_side(stream: H2Stream, down: bool) -> None:
 def response_head(stream: H2Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
     """Forward the response head; with END_STREAM on it (a gRPC trailers-only response, a
     bodiless response) the stream ends in the same frame, as it did upstream."""
-    stream.response_started = True
-    stream.status = int(headers[0][1])  # validated: :status comes first
-    if stream.grpc:
-        for name, value in headers:
-            if name == b"grpc-status":
-                stream.grpc_status = value
     server = stream.server
-    server.conn.send_headers(stream.cs, [*headers, server.via_header], end)
+    memo = server.response_memo.get(id(headers))
+    if memo is None or memo[0] is not headers:
+        memo = _prepare_response(server, headers)
+    stream.response_started = True
+    stream.status = memo[2]
+    if stream.grpc:
+        stream.grpc_status = memo[3]
+    server.conn.send_headers(stream.cs, memo[1], end)
     touch(server)
     if end:
         finish_side(stream, True)
+
+
+def _prepare_response(server: Http2Server, headers: list[tuple[bytes, bytes]]) -> tuple:
+    """Computed once per distinct response head (see Http2Server.prepare)."""
+    grpc_status = b""
+    for name, value in headers:
+        if name == b"grpc-status":
+            grpc_status = value
+    memo = (headers, (*headers, server.via_header), int(headers[0][1]), grpc_status)
+    cache = server.response_memo
+    if len(cache) >= 64:
+        cache.clear()
+    cache[id(headers)] = memo
+    return memo
 
 
 def reset_downstream(stream: H2Stream, code: int) -> None:
@@ -272,7 +305,7 @@ def respond_error(stream: H2Stream, status: int, cause: str, *,
     for gRPC, trailers carrying the status)."""
     if stream.done:
         return
-    stream.to_down.clear()  # what the upstream sent but could not be delivered yet is void
+    stream.to_down = ()  # what the upstream sent but could not be delivered yet is void
     server = stream.server
     reason = cause.encode("ascii", "replace")
     if stream.response_started and not stream.grpc:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 # PING/SETTINGS ACKs a client may have us queue while it does not read what we send.
 _ANSWER_BACKLOG = 256
+_MEMO_ENTRIES = 64
 
 
 class Http2Server(asyncio.Protocol):
@@ -59,6 +60,8 @@ class Http2Server(asyncio.Protocol):
         self.guard = H2Guard(reset_limit=limits.reset_limit,
                              control_frame_limit=limits.control_frame_limit)
         self.streams: dict[int, H2Stream] = {}
+        self.memo: dict[int, tuple[Any, ...]] = {}  # see prepare()
+        self.response_memo: dict[int, tuple[Any, ...]] = {}  # see h2stream.response_head
         self.opening: list[H2Stream] = []  # new streams, sent upstream after the read
         self.tcp = d.tcp_stats("h2", "src")
         self.stats = d.registry.http(d.name, "h2")
@@ -113,17 +116,18 @@ class Http2Server(asyncio.Protocol):
                     self.d.h2pool.attach(stream, self.dst)
                 else:
                     self.route(router, stream)
-        self.flush()
-        flush_all()
+        if conn.out:
+            touch(self)
 
     def route(self, router: Any, stream: H2Stream) -> None:
         """Logical routing: pick this stream's endpoint (per request, not per connection)."""
         from appliance.net.route import route_h2
         from appliance.routing.router import Pending, RouteError
 
+        # route_h2 may take override headers out of the list: a copy of the shared head.
+        stream.headers = headers = list(stream.headers)
         try:
-            routed = route_h2(router, stream.headers, self.dst,
-                              self.d.config.routing.allow_overrides)
+            routed = route_h2(router, headers, self.dst, self.d.config.routing.allow_overrides)
         except RouteError as exc:
             self.d.registry.error(self.d.name, exc.kind)
             respond_error(stream, exc.status, str(exc))
@@ -183,16 +187,11 @@ class Http2Server(asyncio.Protocol):
         if s.sid > self.last_accepted:
             self.conn.reset(s, REFUSED_STREAM)
             return
-        grpc = head = looped = False
-        via = self.d.via_name
-        for name, value in headers:
-            if name == b":method":
-                head = value == b"HEAD"
-            elif name == b"content-type":
-                grpc = value.startswith(b"application/grpc")
-            elif name == b"via" and via in value:
-                looped = True
-        stream = H2Stream(self, s, headers, grpc, self.d.loop.time())
+        memo = self.memo.get(id(headers))
+        if memo is None or memo[0] is not headers:
+            memo = self.prepare(headers)
+        _, out, grpc, head, looped = memo
+        stream = H2Stream(self, s, out, grpc, self.d.loop.time())
         s.user = stream
         stream.request_ended = end
         stream.head = head
@@ -202,11 +201,30 @@ class Http2Server(asyncio.Protocol):
             self.d.registry.error(self.d.name, "loop")
             respond_error(stream, 502, "request loop detected (Via names this proxy)")
             return
-        out = [*headers, self.via_header]
-        if grpc and not self.apply_grpc_timeout(stream, out):
-            return
-        stream.headers = out
+        if grpc:
+            stream.headers = out = list(out)
+            if not self.apply_grpc_timeout(stream, out):
+                return
         self.opening.append(stream)
+
+    def prepare(self, headers: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:
+        """What the proxy needs of a request head, computed once per distinct head: the
+        decoder hands out the same list object for a repeated header block, so the result
+        is kept by identity (with the list itself, so its id cannot be reused)."""
+        grpc = head = looped = False
+        via = self.d.via_name
+        for name, value in headers:
+            if name == b":method":
+                head = value == b"HEAD"
+            elif name == b"content-type":
+                grpc = value.startswith(b"application/grpc")
+            elif name == b"via" and via in value:
+                looped = True
+        memo = (headers, (*headers, self.via_header), grpc, head, looped)
+        if len(self.memo) >= _MEMO_ENTRIES:
+            self.memo.clear()
+        self.memo[id(headers)] = memo
+        return memo
 
     def on_data(self, s: Stream, data: bytes, flow: int, end: bool) -> None:
         stream = s.user

@@ -80,7 +80,7 @@ class Http2Upstream(asyncio.Protocol):
         stream.up, stream.us = self, us
         self.streams[us.sid] = stream
         touch(self)
-        early, stream.early = stream.early, []
+        early, stream.early = stream.early, ()
         for data, end, length in early:
             to_upstream(stream, data, end, length)
 
@@ -102,9 +102,10 @@ class Http2Upstream(asyncio.Protocol):
             self.fail_all(f"upstream sent invalid HTTP/2: {exc.reason}")
             self.flush()
             self.transport.close()
-        else:
-            self.flush()
-        flush_all()
+            flush_all()
+            return
+        if self.conn.out:
+            touch(self)
 
     # --- the codec's callbacks ----------------------------------------------------------
     def on_head(self, s: Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:

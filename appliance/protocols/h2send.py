@@ -16,6 +16,7 @@ normally is told apart from one for an id that was never used.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from appliance.protocols.h2frames import (
@@ -139,7 +140,7 @@ class H2State:
         self.highest_remote = 0
         self.local_open = 0
         self.remote_open = 0
-        self.closed_sids: dict[int, bool] = {}
+        self.closed_sids: OrderedDict[int, bool] = OrderedDict()
         self.answers = 0  # SETTINGS and PING ACKs queued so far (the caller may reset it)
 
     def start(self) -> None:
@@ -188,10 +189,12 @@ class H2State:
         self._remember(s.sid, reset)
 
     def _remember(self, sid: int, reset: bool) -> None:
+        if self.client:
+            return  # the client role ignores late frames whatever their stream
         memory = self.closed_sids
         memory[sid] = reset
         if len(memory) > _CLOSED_MEMORY:
-            del memory[next(iter(memory))]
+            memory.popitem(last=False)
 
     def _recv_end(self, s: Stream) -> None:
         s.state = AFTER_RECV_END[s.state]
