@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance import demo
 
     demo.add_parser(sub)
+    from appliance.inject import cli as inject_cli
+
+    inject_cli.add_parser(sub)
     from appliance import await_cmd
 
     await_cmd.add_parser(sub)
