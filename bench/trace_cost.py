@@ -113,7 +113,7 @@ def export_thread_cost(n: int) -> float:
     handles = []
     for _ in range(n):
         h = tracer.start("outbound", [*HEADERS, PARENT_SAMPLED], method=b"GET", target=b"/a")
-        assert h is not None
+        assert isinstance(h, tracing.RecordingSpan)
         h.end(200, peer=("10.0.0.7", 8080))
         handles.append(h)
     tracer.shutdown(0)

@@ -215,8 +215,7 @@ class ExportPipeline:
         self._batch = batch
         self._delay_s = delay_s
         self._reset()
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (p := ref()) is not None and p._reset())
+        os.register_at_fork(after_in_child=_weak_call(self, ExportPipeline._reset))
 
     def _reset(self) -> None:
         self._queue: deque[RecordingSpan] = deque()
@@ -437,9 +436,19 @@ class _LazyConverter:
 def _forked_rng() -> random.Random:
     """A Random seeded from the OS, re-seeded in a forked child so workers never share ids."""
     rng = random.Random()
-    ref = weakref.ref(rng)
-    os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r.seed())
+    os.register_at_fork(after_in_child=_weak_call(rng, random.Random.seed))
     return rng
+
+
+def _weak_call(obj: Any, method: Callable[[Any], None]) -> Callable[[], None]:
+    """``method(obj)`` as long as ``obj`` lives (fork hooks must not keep objects alive)."""
+    ref = weakref.ref(obj)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            method(target)
+    return call
 
 
 OFF = Tracer(None)
