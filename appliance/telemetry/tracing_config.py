@@ -185,6 +185,15 @@ def parse_environ(environ: Mapping[str, str]) -> TraceConfig | None:
         **_batching(environ))
 
 
+def preload(config: TraceConfig) -> None:
+    """Import the SDK modules the export thread will need for ``config``."""
+    import opentelemetry.sdk.trace.export  # noqa: F401
+    if config.protocol == "grpc":
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter  # noqa: F401
+    else:
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+
+
 def otlp_exporter(config: TraceConfig) -> SpanExporter:
     """The SDK's OTLP span exporter for ``config`` (called in the export thread)."""
     if config.protocol == "grpc":
