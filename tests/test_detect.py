@@ -26,6 +26,17 @@ CASES = [
     (b"\x00\x00\x00\x08\x82\x21\x01\x04ping", Protocol.THRIFT),
     # non-strict binary: name length, name, type CALL, seqid
     (b"\x00\x00\x00\x04ping\x01\x00\x00\x00\x01\x00", Protocol.THRIFT),
+    # framed non-strict binary: frame length, then name length, name, CALL, seqid
+    (b"\x00\x00\x00\x0d\x00\x00\x00\x04ping\x01\x00\x00\x00\x01\x00", Protocol.THRIFT),
+    # compact ONEWAY, unframed
+    (b"\x82\x81\x01\x03log\x00", Protocol.THRIFT),
+    # non-strict binary with a multiplexed name ("Service:method")
+    (b"\x00\x00\x00\x09Echo:ping\x01\x00\x00\x00\x01\x00", Protocol.THRIFT),
+    # THeader (framed, 0x0FFF magic): a variant the proxy does not speak, so opaque
+    (b"\x00\x00\x00\x20\x0f\xff\x00\x00\x00\x00\x00\x01", Protocol.OPAQUE),
+    # a REPLY first is a server talking, not a client: opaque
+    (b"\x00\x00\x00\x10\x80\x01\x00\x02\x00\x00\x00\x04ping", Protocol.OPAQUE),
+    (b"\x82\x41\x01\x04ping\x00", Protocol.OPAQUE),
     (b"SSH-2.0-OpenSSH_9.2\r\n", Protocol.OPAQUE),
     (b"\x05\x01\x00", Protocol.OPAQUE),  # SOCKS5
     (b"GET / HTTP/3.0\r\n", Protocol.OPAQUE),

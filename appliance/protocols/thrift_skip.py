@@ -14,8 +14,9 @@ A composite value (struct, list, map) is counted as consumed in its parent when 
 is pushed; the stack order guarantees the parent resumes only once the child is done.
 
 Limits: nesting deeper than ``max_depth`` (64, as thriftpy2) is malformed; any read past
-``limit`` (the message start plus the frame size limit) is :data:`TOO_LARGE` at once,
-without waiting for the bytes. Type ids follow Apache Thrift (thriftpy2's ``TType`` for
+``limit`` (the message start plus the frame size limit) is :data:`TOO_LARGE`, as soon as
+a length or size says it will happen (without waiting for the bytes), and whether or not
+the bytes are already there. Type ids follow Apache Thrift (thriftpy2's ``TType`` for
 the binary protocol, plus UUID = 16; the compact protocol's own ids, as thriftpy2's
 ``CompactType``).
 
@@ -111,7 +112,7 @@ class Skipper:
 
     def run(self, buf: bytes | bytearray) -> bool:
         """Advance as far as ``buf`` allows; True once the struct is complete."""
-        n = len(buf)
+        n = min(len(buf), self.limit)  # bytes past the limit count as never coming
         step = self._step_compact if self.compact else self._step_binary
         stack = self.stack
         while stack:
