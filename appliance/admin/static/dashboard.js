@@ -8,6 +8,7 @@
   const CHART_SPAN_S = 60;     // seconds of history on the x axis
   const SVG = "http://www.w3.org/2000/svg";
   const ewmaHistory = new Map(); // endpoint key -> [[time_ms, ewma_ms]...], kept client-side
+  const openHistory = [];        // [[time_ms, open TCP connections]...], kept client-side
 
   const $ = (id) => document.getElementById(id);
 
@@ -50,22 +51,32 @@
   }
 
   // ------------------------------------------------------------------ charts
-  // lines: [{cls, points: [[age_s, value|null], ...]}]; y from 0 to max (or opts.max).
+  // lines: [{cls, points: [[age_s, value|null], ...]}]; y from opts.min (default 0) to
+  // opts.max (default: the largest value). opts.fmt formats the hover title.
   function drawChart(svg, lines, opts) {
+    opts = opts || {};
     const box = svg.viewBox.baseVal;
     const w = box && box.width ? box.width : 160;
     const h = box && box.height ? box.height : 36;
-    let max = opts && opts.max !== undefined ? opts.max : 0;
-    let count = 0;
+    const min = opts.min || 0;
+    let max = opts.max !== undefined ? opts.max : 0;
+    let count = 0, last = null, peak = null;
     for (const line of lines) {
       for (const [, v] of line.points) {
         if (v === null || v === undefined) continue;
         count += 1;
-        if (!(opts && opts.max !== undefined) && v > max) max = v;
+        last = v;
+        if (peak === null || v > peak) peak = v;
+        if (opts.max === undefined && v > max) max = v;
       }
     }
     while (svg.firstChild) svg.removeChild(svg.firstChild);
-    if (max <= 0) max = 1;
+    if (max <= min) max = min + 1;
+    const title = document.createElementNS(SVG, "title");
+    const fmt = opts.fmt || fmtRate;
+    title.textContent = "scale " + fmt(min) + " \u2013 " + fmt(max) +
+      (last === null ? "" : "; latest " + fmt(last));
+    svg.appendChild(title);
     for (const line of lines) {
       let run = [];
       const flush = () => {
@@ -82,13 +93,13 @@
       for (const [age, v] of line.points) {
         if (v === null || v === undefined || age > CHART_SPAN_S) { flush(); continue; }
         const x = w * (1 - age / CHART_SPAN_S);
-        const y = h - 1 - (h - 2) * Math.min(v / max, 1);
+        const y = h - 1 - (h - 2) * Math.min(Math.max((v - min) / (max - min), 0), 1);
         run.push([x, y]);
       }
       flush();
     }
     svg.setAttribute("data-points", String(count));
-    svg.setAttribute("data-max", String(max));
+    svg.setAttribute("data-max", String(peak === null ? 0 : peak)); // for tests
   }
 
   function chart(cls) {
@@ -101,6 +112,13 @@
 
   function pointsOf(history, field) {
     return history.map((p) => [p.age_s, p[field]]);
+  }
+
+  // Success-rate charts span [floor, 1]: 90% and up unless the rate fell lower.
+  function successOpts(points) {
+    let low = 0.9;
+    for (const [, v] of points) if (v !== null && v !== undefined && v < low) low = v;
+    return {min: Math.floor(low * 10) / 10, max: 1, fmt: fmtPct};
   }
 
   // ------------------------------------------------------------------ labels
@@ -152,13 +170,13 @@
     tr.append(el("td", {class: "num"}, fmtMs(win.p99_ms)));
     const rate = chart("rate"), success = chart("success"), latency = chart("latency");
     drawChart(rate, [{cls: "rate", points: pointsOf(s.history, "request_rate")}]);
-    drawChart(success, [{cls: "success", points: pointsOf(s.history, "success_rate")}],
-              {max: 1});
+    const ok = pointsOf(s.history, "success_rate");
+    drawChart(success, [{cls: "success", points: ok}], successOpts(ok));
     drawChart(latency, [
       {cls: "p50", points: pointsOf(s.history, "p50_ms")},
       {cls: "p95", points: pointsOf(s.history, "p95_ms")},
       {cls: "p99", points: pointsOf(s.history, "p99_ms")},
-    ]);
+    ], {fmt: fmtMs});
     for (const c of [rate, success, latency]) tr.append(el("td", {}, c));
     return tr;
   }
@@ -173,7 +191,8 @@
     tr.append(el("td", {class: "num"}, fmtBytes(win.write_rate)));
     const bytes = chart("bytes");
     drawChart(bytes, [{cls: "read", points: pointsOf(s.history, "read_rate")},
-                      {cls: "write", points: pointsOf(s.history, "write_rate")}]);
+                      {cls: "write", points: pointsOf(s.history, "write_rate")}],
+              {fmt: (v) => fmtBytes(v) + "/s"});
     tr.append(el("td", {}, bytes));
     return tr;
   }
@@ -224,10 +243,17 @@
     $("total-success").className = "tile-value " + successClass(success);
     $("total-open").textContent = String(open);
     drawChart($("chart-total-rate"), [{cls: "rate", points: totals(http, "request_rate")}]);
-    drawChart($("chart-total-success"),
-              [{cls: "success", points: totals(http, "success_rate", "request_rate")}],
-              {max: 1});
-    drawChart($("chart-total-open"), [{cls: "rate", points: totals(tcp, "open_rate")}]);
+    const okPoints = totals(http, "success_rate", "request_rate");
+    drawChart($("chart-total-success"), [{cls: "success", points: okPoints}],
+              successOpts(okPoints));
+    const now = Date.now();
+    openHistory.push([now, open]);
+    while (openHistory.length && now - openHistory[0][0] > CHART_SPAN_S * 1000) {
+      openHistory.shift();
+    }
+    drawChart($("chart-total-open"),
+              [{cls: "rate", points: openHistory.map(([t, v]) => [(now - t) / 1000, v])}],
+              {fmt: String});
   }
 
   // ------------------------------------------------------------------ /api/endpoints
@@ -243,7 +269,8 @@
       stateCell.append(" probe in " + ep.probe_in_s.toFixed(1) + " s");
     }
     const spark = chart("ewma");
-    drawChart(spark, [{cls: "p50", points: hist.map(([t, v]) => [(now - t) / 1000, v])}]);
+    drawChart(spark, [{cls: "p50", points: hist.map(([t, v]) => [(now - t) / 1000, v])}],
+              {fmt: fmtMs});
     return el("tr", {"data-address": ep.address, "data-state": ep.state},
       el("td", {}, el("code", {}, ep.address)),
       el("td", {class: "num"}, String(ep.weight)),
