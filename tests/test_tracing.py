@@ -29,7 +29,12 @@ from appliance.telemetry.tracing import (
     parse_environ,
 )
 from appliance.telemetry.tracing_config import MASK64
-from appliance.telemetry.tracing_spans import error_type, span_attributes, span_name
+from appliance.telemetry.tracing_spans import (
+    error_type,
+    redact_query,
+    span_attributes,
+    span_name,
+)
 
 TID = "0af7651916cd43dd8448eb211c80319c"
 SID = "b7ad6b7169203331"
@@ -390,6 +395,34 @@ def test_unknown_method_and_absolute_target() -> None:
     assert (a["http.request.method"], a["http.request.method_original"]) == ("_OTHER", "PURGE")
     assert (a["url.full"], a["url.path"], a["url.query"]) == ("http://cache:81/x?y=1", "/x", "y=1")
     assert (a["server.address"], a["server.port"]) == ("cache", 81)
+
+
+REDACTIONS = [
+    ("", ""),
+    ("id=7", "id=7"),
+    ("sig=abc&id=7", "sig=REDACTED&id=7"),
+    ("AWSAccessKeyId=AK&Signature=s&Expires=1",
+     "AWSAccessKeyId=REDACTED&Signature=REDACTED&Expires=1"),
+    ("X-Goog-Signature=x", "X-Goog-Signature=REDACTED"),
+    ("signature=x&sigma=1", "signature=x&sigma=1"),   # other keys, even similar ones, stay
+    ("sig", "sig"),                                   # no value to hide
+]
+
+
+@pytest.mark.parametrize("query,expected", REDACTIONS)
+def test_query_redaction(query: str, expected: str) -> None:
+    """Query values the HTTP conventions call secret are exported as REDACTED."""
+    assert redact_query(query) == expected
+
+
+def test_credentials_never_exported() -> None:
+    """An absolute-form target's user:password and secret query values stay out of the span."""
+    h = _span("outbound", [], {"status": 200}, method=b"GET",
+              target=b"http://user:pw@cache:81/x?sig=s3cret")
+    a = span_attributes(h)
+    assert a["url.full"] == "http://cache:81/x?sig=REDACTED"
+    assert a["url.query"] == "sig=REDACTED"
+    assert "pw" not in repr(a) and "s3cret" not in repr(a)
 
 
 ERRORS = [

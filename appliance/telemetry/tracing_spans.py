@@ -25,6 +25,8 @@ _KNOWN_METHODS = frozenset(
     ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"))
 # gRPC codes that make a server span an error (the RPC semantic conventions' list).
 _GRPC_SERVER_ERRORS = frozenset((2, 4, 12, 13, 14, 15))
+# Query keys whose values the HTTP semantic conventions ask to redact.
+_SECRET_QUERY_KEYS = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
 GRPC_CODE_NAMES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -70,6 +72,17 @@ def span_name(h: RecordingSpan) -> str:
     return method if method in _KNOWN_METHODS else "HTTP"
 
 
+def redact_query(query: str) -> str:
+    """The query with the values the HTTP conventions name as secrets replaced by REDACTED."""
+    if not query or not any(key in query for key in _SECRET_QUERY_KEYS):
+        return query
+    out = []
+    for part in query.split("&"):
+        key, eq, _ = part.partition("=")
+        out.append(f"{key}=REDACTED" if eq and key in _SECRET_QUERY_KEYS else part)
+    return "&".join(out)
+
+
 def _http_attributes(h: RecordingSpan, a: dict[str, AttrValue]) -> None:
     method = _text(h.method)
     if method in _KNOWN_METHODS:
@@ -82,14 +95,17 @@ def _http_attributes(h: RecordingSpan, a: dict[str, AttrValue]) -> None:
     path, _, query = target.partition("?")
     if "://" in path:  # absolute-form target (a request to an explicit proxy)
         parts = urlsplit(target)
-        path, query, authority = parts.path or "/", parts.query, authority or parts.netloc
+        netloc = parts.netloc.rpartition("@")[2]  # never export credentials
+        scheme, path, query = parts.scheme or scheme, parts.path or "/", parts.query
+        authority = authority or netloc
+    query = redact_query(query)
     a["url.path"] = path
     if query:
         a["url.query"] = query
     if h.server:
         a["url.scheme"] = scheme
-    else:
-        a["url.full"] = target if "://" in target else f"{scheme}://{authority}{target}"
+    elif authority:
+        a["url.full"] = f"{scheme}://{authority}{path}" + (f"?{query}" if query else "")
     if authority:
         host, port = _host_port(authority)
         a["server.address"] = host
