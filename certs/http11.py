@@ -198,6 +198,9 @@ class ClientConnection:
                     host, port, ssl=ssl, server_hostname=server_hostname if ssl else None)
         except TimeoutError:
             raise ClientError(f"{peer}: no connection within {timeout}s") from None
+        except _ssl.SSLCertVerificationError as exc:
+            raise ClientError(f"{peer}: TLS handshake failed: certificate verify failed: "
+                              f"{exc.verify_message}") from None
         except _ssl.SSLError as exc:
             raise ClientError(f"{peer}: TLS handshake failed: "
                               f"{exc.reason or exc}") from None

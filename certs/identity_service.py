@@ -28,6 +28,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -73,6 +74,7 @@ class IdentityService:
         self.issuer = store.load_issuer(options.directory, now=pki.utc(clock()))
         self._issuer_stamp = self._stamp()
         self._own_renew_at = 0.0
+        self._own_issuer = self.issuer.cert
         self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self.tls.set_alpn_protocols(["http/1.1"])
@@ -94,6 +96,12 @@ class IdentityService:
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (port 0: any); return the bound port."""
         self._server = await asyncio.start_server(self._serve, host, port, ssl=self.tls)
+        self._maintenance = asyncio.create_task(self._maintain())
+        return self.port
+
+    async def start_on(self, sock: socket.socket) -> int:
+        """Listen on an already bound socket (systemd-style activation, tests)."""
+        self._server = await asyncio.start_server(self._serve, sock=sock, ssl=self.tls)
         self._maintenance = asyncio.create_task(self._maintain())
         return self.port
 
@@ -152,6 +160,7 @@ class IdentityService:
         sslctx.load_chain(self.tls, [leaf, self.issuer.cert], key)
         expiry = leaf.not_valid_after_utc.timestamp()
         self._own_renew_at = now + 0.7 * (expiry - now)
+        self._own_issuer = self.issuer.cert
 
     def _client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cadata=sslctx.anchors_pem(self.issuer.anchors))
@@ -168,8 +177,8 @@ class IdentityService:
 
     def maintain(self) -> None:
         """Reload the issuer if it changed; renew our own certificate when due."""
-        rotated = self.reload_issuer()
-        if rotated or self.clock() >= self._own_renew_at:
+        self.reload_issuer()
+        if self._own_issuer != self.issuer.cert or self.clock() >= self._own_renew_at:
             self._issue_own()
         self.registry.purge()
 

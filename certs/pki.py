@@ -60,6 +60,8 @@ def chain_pem(certs: Iterable[x509.Certificate]) -> bytes:
 def load_certs(pem: bytes, source: str) -> list[x509.Certificate]:
     """Every certificate in a PEM text; :class:`PkiError` names ``source`` if there is none
     or one is malformed."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise PkiError(f"{source}: no certificate found (expected PEM)")
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:

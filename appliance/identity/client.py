@@ -66,7 +66,7 @@ class IdentityClient:
                 self.host, self.port, ssl=self.tls, server_hostname=self.server_name,
                 timeout=self.timeout)
         except http11.ClientError as exc:
-            raise IdentityServiceError(f"{self.where}: {exc}") from None
+            raise IdentityServiceError(f"identity service {exc}") from None
 
     async def certify(self, csr_for: CsrMaker, token: str) -> dict[str, object]:
         """Send a CSR (made by ``csr_for(local_address)``) with ``token``; return the JSON
@@ -103,7 +103,7 @@ class IdentityClient:
             return await conn.request(method, path, body=body, authority=self.server_name,
                                       timeout=self.timeout)
         except http11.ClientError as exc:
-            raise IdentityServiceError(f"{self.where}: {exc}") from None
+            raise IdentityServiceError(f"identity service {exc}") from None
 
     def _json(self, response: http11.Response, what: str) -> dict[str, object]:
         if response.status != 200:
