@@ -111,7 +111,8 @@ def _workloads(doc: Any, label: str) -> Iterator[tuple[dict[str, Any], _Doc]]:
             yield from _workloads(item, f"{label} items[{i}]")
         return
     if kind in WORKLOADS:
-        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        found = doc.get("metadata")
+        meta: dict[str, Any] = found if isinstance(found, dict) else {}
         name = str(meta.get("name", "?"))
         ns = meta.get("namespace")
         full = f"{ns}/{name}" if ns else name
@@ -158,7 +159,11 @@ def _edit_workload(doc: dict[str, Any], where: _Doc, opts: InjectOptions,
         template.update({"metadata": meta, **rest})
     pod.inject_pod(meta, spec, settings)
     mode = "native sidecar" if settings.native_sidecar else "sidecar"
-    return f"{label} {'re-injected' if again else 'injected'} ({mode})"
+    note = f"{label} {'re-injected' if again else 'injected'} ({mode})"
+    if where.kind in ("Job", "CronJob") and not settings.native_sidecar:
+        note += ("; warning: the proxy keeps each pod running after the job's containers "
+                 "exit (use --kubernetes-version 1.29+ for a native sidecar)")
+    return note
 
 
 def _walk(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:

@@ -326,8 +326,8 @@ def _resources(opts: InjectOptions, ann: Mapping[str, str]) -> dict[str, dict[st
         if value:
             out[kind][res] = check_quantity(f"--{res}-{kind[:-1]}", value)
     for suffix, (kind, res) in RESOURCE_ANNOTATIONS.items():
-        if (value := ann.get(LINKERD + suffix)) is not None:
-            out[kind][res] = check_quantity(LINKERD + suffix, value.strip())
+        if (given := ann.get(LINKERD + suffix)) is not None:
+            out[kind][res] = check_quantity(LINKERD + suffix, given.strip())
     return {k: v for k, v in out.items() if v}
 
 
