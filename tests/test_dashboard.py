@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import H11Server, ProxyProcess, free_port
 
+from appliance.admin import dashboard
 from appliance.admin.dashboard import PAGES, Window, growth, load_static, quantile, static_routes
 from appliance.admin.server import AdminRequest
 from appliance.telemetry.metrics import LATENCY_BUCKETS_MS
@@ -203,6 +204,19 @@ def test_static_routes_serve_each_page_with_its_type() -> None:
     assert got["/"] == got["/dashboard"] == (200, "text/html; charset=utf-8", b"<html>")
     assert got["/dashboard.js"] == (200, "text/javascript; charset=utf-8", b"js")
     assert got["/dashboard.css"] == (200, "text/css; charset=utf-8", b"css")
+
+
+def test_missing_static_files_answer_500_and_do_not_stop_the_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installation without the package data still builds its routes; they say why."""
+    def missing() -> dict[str, bytes]:
+        raise FileNotFoundError("appliance/admin/static/index.html")
+
+    monkeypatch.setattr(dashboard, "load_static", missing)
+    routes = static_routes()
+    status, ctype, body = routes["/"](AdminRequest("GET", "/"))
+    assert status == 500 and ctype.startswith("text/plain")
+    assert b"missing from this installation" in body and b"index.html" in body
 
 
 # ---------------------------------------------------------------------------- in a browser

@@ -150,16 +150,20 @@ def load_static() -> dict[str, bytes]:
 
 
 def static_routes(files: Mapping[str, bytes] | None = None) -> dict[str, Route]:
-    """Admin routes serving the dashboard (read once, here)."""
-    files = load_static() if files is None else files
-    routes: dict[str, Route] = {}
-    for path, name in PAGES.items():
-        routes[path] = _serve(_STATIC[name], files[name])
-    return routes
+    """Admin routes serving the dashboard (read once, here). If the files are missing
+    from the installation, the proxy still runs and these routes answer 500 saying so."""
+    if files is None:
+        try:
+            files = load_static()
+        except OSError as exc:
+            text = (f"the dashboard's files are missing from this installation of appliance "
+                    f"(appliance/admin/static is package data): {exc}\n").encode()
+            return {path: _serve("text/plain; charset=utf-8", text, 500) for path in PAGES}
+    return {path: _serve(_STATIC[name], files[name]) for path, name in PAGES.items()}
 
 
-def _serve(ctype: str, body: bytes) -> Route:
+def _serve(ctype: str, body: bytes, status: int = 200) -> Route:
     def route(req: AdminRequest) -> tuple[int, str, bytes]:
-        return 200, ctype, body
+        return status, ctype, body
 
     return route
