@@ -194,7 +194,11 @@ class IdentityService:
                                           self.options.request_timeout)
                 if req is None:
                     break
-                status, payload = await self.route(req, peer)
+                try:
+                    status, payload = await self.route(req, peer)
+                except Exception:  # a bug answers 500 and is reported; the service lives on
+                    log.exception("identity service: %s %s failed", req.method, req.path)
+                    status, payload = 500, {"error": "internal error (see the service log)"}
                 writer.write(http11.json_response(status, payload, keep_alive=req.keep_alive))
                 await writer.drain()
                 if not req.keep_alive:

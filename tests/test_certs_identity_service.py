@@ -267,3 +267,23 @@ def test_wait_for_reports_deadline() -> None:
     """The polling helper fails with the awaited condition named."""
     with pytest.raises(AssertionError, match="timed out after 0.05s waiting for never"):
         asyncio.run(wait_for(lambda: False, 0.05, "never"))
+
+
+def test_handler_bug_answers_500(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A failing handler answers 500, is logged with its traceback, and the service keeps
+    serving."""
+    make_dir(tmp_path)
+
+    async def scenario(svc: identity_service.IdentityService) -> None:
+        async def broken(query: dict[str, list[str]]) -> tuple[int, dict[str, object]]:
+            raise RuntimeError("boom")
+
+        svc.meshed = broken  # type: ignore[method-assign]
+        resp = await _call(tmp_path, svc.port, "GET", "/v1/meshed?addr=10.0.0.1")
+        assert resp.status == 500 and "internal error" in resp.json()["error"]
+        assert (await _call(tmp_path, svc.port, "GET", "/ready")).status == 200
+
+    with caplog.at_level(logging.ERROR):
+        _run(tmp_path, scenario)
+    assert any("GET /v1/meshed failed" in r.getMessage() and r.exc_info
+               for r in caplog.records)
