@@ -186,6 +186,37 @@ class BalancerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    """The same settings as the standard OpenTelemetry variables, for the config file; an
+    ``OTEL_*`` variable that is set wins over the field. Tracing is on when an endpoint is
+    set (docs/observability.md)."""
+
+    endpoint: str = ""
+    """OTLP collector, as ``OTEL_EXPORTER_OTLP_ENDPOINT`` (e.g. http://jaeger:4317)."""
+    protocol: str = ""
+    """``grpc`` (default) or ``http/protobuf``, as ``OTEL_EXPORTER_OTLP_PROTOCOL``."""
+    service_name: str = ""
+    """``service.name`` of the spans, as ``OTEL_SERVICE_NAME`` (default: appliance)."""
+    sampler: str = ""
+    """As ``OTEL_TRACES_SAMPLER``: parentbased_traceidratio (default), always_on, ..."""
+    sampler_arg: str = ""
+    """As ``OTEL_TRACES_SAMPLER_ARG``: the ratio for root spans (default 1.0)."""
+
+    def environ(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """``environ`` with these fields filled in where the variable is not set."""
+        merged = dict(environ)
+        for name, var in (("endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+                          ("protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+                          ("service_name", "OTEL_SERVICE_NAME"),
+                          ("sampler", "OTEL_TRACES_SAMPLER"),
+                          ("sampler_arg", "OTEL_TRACES_SAMPLER_ARG")):
+            value = getattr(self, name)
+            if value and var not in merged:
+                merged[var] = value
+        return merged
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
     inbound: InboundConfig = field(default_factory=InboundConfig)
@@ -195,6 +226,7 @@ class Config:
     h2: H2Config = field(default_factory=H2Config)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     namers: tuple[Mapping[str, Any], ...] = ()
     """Service-discovery sources, each a mapping with ``kind`` (``static``, ``io.l5d.fs``,
     ``dns``, ``dns-srv``, ``io.l5d.consul``, ``io.l5d.k8s``) and its options

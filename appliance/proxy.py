@@ -33,6 +33,7 @@ from appliance.admin.server import AdminRequest, Route, start_admin
 from appliance.config import Config
 from appliance.net.listener import Direction, start_listener
 from appliance.telemetry.metrics import Registry
+from appliance.telemetry.tracing import OFF, from_environ
 
 log = logging.getLogger("appliance")
 
@@ -53,6 +54,7 @@ class Proxy:
         self.registry = Registry()
         self.instance_id = config.instance_id or secrets.token_hex(4)
         self.directions: list[Direction] = []
+        self.tracer = OFF
         self.servers: list[asyncio.AbstractServer] = []
         self.ready = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -61,8 +63,12 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         conf = self.config
+        self.tracer = from_environ(conf.tracing.environ(os.environ),
+                                   instance_id=self.instance_id)  # TraceConfigError: 2
+        self.registry.tracer = self.tracer
         for name, side in (("outbound", conf.outbound), ("inbound", conf.inbound)):
             d = Direction(name, conf, self.registry, self.instance_id, loop)
+            d.tracer = self.tracer
             self.directions.append(d)
             d.start_router()
             self.servers.append(await start_listener(d, side.bind, side.port))
@@ -173,6 +179,8 @@ class Proxy:
             d.close_router()
             for task in list(d.tasks):
                 task.cancel()
+        if self.tracer.on:
+            await loop.run_in_executor(None, self.tracer.shutdown, 5.0)  # flush the spans
         self.stopped.set()
 
 

@@ -176,8 +176,10 @@ class Http1Server(asyncio.Protocol):
             self.respond_error(head, 502, "request loop detected (Via names this proxy)",
                                request_done=False)
             return
-        self.ex = Exchange(self, head)
-        self.ex.start()
+        ex = self.ex = Exchange(self, head)
+        if d.tracer.on:
+            ex.trace()
+        ex.start()
 
     # --- responses the proxy makes itself ----------------------------------------------
     def refuse(self, status: int, reason: str, kind: str = "") -> None:
@@ -323,7 +325,7 @@ class Exchange:
         "server", "d", "head", "started", "up", "pending", "pending_len", "request_done",
         "response_started", "response_head", "close_delimited",
         "keep_client", "waiting_since", "reused", "retried", "body_sent", "tunnel_early",
-        "finished", "interim", "dst", "target",
+        "finished", "interim", "dst", "target", "span",
     )
 
     def __init__(self, server: Http1Server, head: RequestHead) -> None:
@@ -348,6 +350,26 @@ class Exchange:
         self.interim = False
         self.dst = server.dst  # the endpoint, once routed
         self.target: Target | None = None  # the router's pick, when routing is on
+        self.span: Any = None  # the trace span (appliance.telemetry.tracing), when sampled
+
+    def trace(self) -> None:
+        """Start this request's span and put its context in the headers sent on."""
+        head, d = self.head, self.d
+        peer = None
+        if d.name == "inbound":
+            peer = self.server.transport.get_extra_info("peername")
+        span = d.tracer.start(d.name, head.headers, method=head.method, target=head.target,
+                              authority=head.host or b"", version=head.version.decode(),
+                              peer=peer)
+        if span is not None:
+            head.headers = span.apply(head.headers)
+            self.span = span
+
+    def end_span(self, status: int, error: str = "") -> None:
+        span, self.span = self.span, None
+        if span is not None:
+            span.end(status, error=error, peer=self.dst if self.d.name == "outbound" else None,
+                     retries=1 if self.retried else 0)
 
     # --- request side ------------------------------------------------------------------
     def start(self) -> None:
@@ -482,6 +504,8 @@ class Exchange:
         self.d.http.response(200, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(True)
+        if self.span is not None:
+            self.end_span(200)
         up.detach_for_tunnel()
         self.server.detach_for_tunnel()
         relay = Relay(self.d, self.server.transport, self.dst, "tunnel", b"")
@@ -591,6 +615,8 @@ class Exchange:
         self.d.http.response(rh.status, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(rh.status < 500)
+        if self.span is not None:
+            self.end_span(rh.status)
         self.release()
 
     def release(self) -> None:
@@ -629,6 +655,8 @@ class Exchange:
         server.detach_for_tunnel()
         if self.target is not None:
             self.target.done(True)
+        if self.span is not None:
+            self.end_span(rh.status)
         relay = Relay(self.d, server.transport, self.dst, "tunnel", b"")
         relay.join(up.transport, to_up=self.tunnel_early, to_down=rest)
 
@@ -675,6 +703,8 @@ class Exchange:
         self.finished = True
         if self.target is not None:
             self.target.done(False)
+        if self.span is not None:
+            self.end_span(status, cause)
         self.discard_upstream()
         server = self.server
         if self.response_started:
@@ -698,6 +728,8 @@ class Exchange:
             self.finished = True
             if self.target is not None:
                 self.target.done(True)  # the client left: not the endpoint's failure
+            if self.span is not None:
+                self.end_span(0, "client went away")
             self.discard_upstream()
 
 

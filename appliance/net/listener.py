@@ -28,6 +28,7 @@ from appliance.net.thrift import start_thrift
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
 from appliance.telemetry.metrics import Registry, TcpStats
+from appliance.telemetry.tracing import OFF, Tracer
 
 log = logging.getLogger("appliance")
 
@@ -61,6 +62,7 @@ class Direction:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._tcp: dict[tuple[str, str], TcpStats] = {}
         self.router: Any = None  # the Router, set by start_router() when a dtab is set
+        self.tracer: Tracer = OFF  # set by the Proxy when tracing is configured
 
     def start_router(self) -> None:
         """Build the logical router (outbound with a dtab only); needs the running loop."""

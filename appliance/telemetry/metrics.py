@@ -12,6 +12,7 @@ import os
 import resource
 import time
 from bisect import bisect_left
+from typing import Any
 
 # linkerd2-proxy's response_latency_ms bucket bounds.
 LATENCY_BUCKETS_MS = (
@@ -74,6 +75,7 @@ class Registry:
         self.errors: dict[tuple[str, str], int] = {}
         self.discovery_results: dict[tuple[str, str], int] = {}
         self.config_reloads = {"ok": 0, "error": 0}
+        self.tracer: Any = None  # set by the proxy; its span counters are rendered
         self.start_time = time.time()
 
     def http(self, direction: str, protocol: str = "http/1") -> HttpStats:
@@ -173,6 +175,13 @@ class Registry:
         for (namer, result), n in sorted(self.discovery_results.items()):
             out.append(f"discovery_updates_total{_fmt((('namer', namer), ('result', result)))}"
                        f" {n}")
+        if self.tracer is not None and self.tracer.on:
+            _family(out, "trace_spans_exported_total", "counter",
+                    "Spans the OTLP collector accepted.")
+            out.append(f"trace_spans_exported_total {self.tracer.exported_spans()}")
+            _family(out, "trace_spans_dropped_total", "counter",
+                    "Spans dropped: export queue full, collector unreachable, or shutdown.")
+            out.append(f"trace_spans_dropped_total {self.tracer.dropped_spans()}")
         _family(out, "config_reloads_total", "counter",
                 "Config reloads (SIGHUP or a changed file) applied (ok) or rejected (error).")
         for result, n in self.config_reloads.items():
