@@ -1,4 +1,5 @@
-"""The ``appliance`` command: ``proxy``, ``init``, ``demo``, ``await``.
+"""The ``appliance`` command: ``proxy``, ``init``, ``demo``, ``await``, ``certs``,
+``identity``.
 
 Exit codes are documented in docs/cli.md. Each subcommand's flags are defined beside its
 code (``init.cli`` for ``init``) and registered here.
@@ -82,9 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.inject import cli as inject_cli
 
     inject_cli.add_parser(sub)
+    from init import vm as vm_cli
+
+    vm_cli.add_parser(sub)
     from appliance import await_cmd
 
     await_cmd.add_parser(sub)
+    from certs import cli as certs_cli
+
+    certs_cli.add_parser(sub)
+    certs_cli.add_identity_parser(sub)
     return parser
 
 

@@ -31,6 +31,7 @@ from appliance import __version__
 from appliance.admin import api as admin_api
 from appliance.admin.server import AdminRequest, Route, start_admin
 from appliance.config import Config
+from appliance.identity.manager import IdentityManager
 from appliance.net.listener import Direction, start_listener
 from appliance.telemetry.metrics import Registry
 from appliance.telemetry.tracing import OFF, from_environ
@@ -55,6 +56,7 @@ class Proxy:
         self.instance_id = config.instance_id or secrets.token_hex(4)
         self.directions: list[Direction] = []
         self.tracer = OFF
+        self.identity: IdentityManager | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ready = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -66,6 +68,10 @@ class Proxy:
         self.tracer = from_environ(conf.tracing.environ(os.environ),
                                    instance_id=self.instance_id)  # TraceConfigError: 2
         self.registry.tracer = self.tracer
+        self.identity = IdentityManager.from_environ(os.environ)  # IdentityConfigError: 2
+        self.registry.identity = self.identity
+        if self.identity is not None:
+            self.identity.start()
         for name, side in (("outbound", conf.outbound), ("inbound", conf.inbound)):
             d = Direction(name, conf, self.registry, self.instance_id, loop)
             d.tracer = self.tracer
@@ -94,8 +100,11 @@ class Proxy:
         return 200, "text/plain; version=0.0.4", self.registry.render().encode()
 
     def _ready(self, req: AdminRequest) -> tuple[int, str, bytes]:
-        return (200, "text/plain", b"ready\n") if self.ready else \
-            (503, "text/plain", b"not ready\n")
+        if not self.ready:
+            return 503, "text/plain", b"not ready\n"
+        if self.identity is not None and not self.identity.ready:
+            return 503, "text/plain", b"not ready: no certificate from the identity service yet\n"
+        return 200, "text/plain", b"ready\n"
 
     def _shutdown(self, req: AdminRequest) -> tuple[int, str, bytes]:
         """POST /shutdown, from loopback only (a Job's app ends; its proxy should too)."""
@@ -179,6 +188,8 @@ class Proxy:
             d.close_router()
             for task in list(d.tasks):
                 task.cancel()
+        if self.identity is not None:
+            await self.identity.stop()
         if self.tracer.on:
             await loop.run_in_executor(None, self.tracer.shutdown, 5.0)  # flush the spans
         self.stopped.set()

@@ -76,6 +76,7 @@ class Registry:
         self.discovery_results: dict[tuple[str, str], int] = {}
         self.config_reloads = {"ok": 0, "error": 0}
         self.tracer: Any = None  # set by the proxy; its span counters are rendered
+        self.identity: Any = None  # the IdentityManager, when identity is on
         self.start_time = time.time()
 
     def http(self, direction: str, protocol: str = "http/1") -> HttpStats:
@@ -182,6 +183,15 @@ class Registry:
             _family(out, "trace_spans_dropped_total", "counter",
                     "Spans dropped: export queue full, collector unreachable, or shutdown.")
             out.append(f"trace_spans_dropped_total {self.tracer.dropped_spans()}")
+        identity = self.identity
+        if identity is not None:
+            expiry = identity.expiration_timestamp_seconds()
+            _family(out, "identity_cert_expiration_timestamp_seconds", "gauge",
+                    "When the proxy's current certificate expires (Unix time; 0 if none).")
+            out.append(f"identity_cert_expiration_timestamp_seconds {expiry or 0:.0f}")
+            _family(out, "identity_cert_refresh_count", "counter",
+                    "Certificates received from the identity service (the first included).")
+            out.append(f"identity_cert_refresh_count {identity.refresh_count}")
         _family(out, "config_reloads_total", "counter",
                 "Config reloads (SIGHUP or a changed file) applied (ok) or rejected (error).")
         for result, n in self.config_reloads.items():
