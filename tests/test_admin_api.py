@@ -248,7 +248,9 @@ def curl(port: int, paths: list[str], *headers: str) -> list[int]:
 
 def outbound_http(stats: Any) -> Any:
     [series] = [s for s in stats["http"]
-                if s["labels"] == {"direction": "outbound", "protocol": "http/1"}]
+                if s["labels"]["direction"] == "outbound" and s["requests"]
+                and s["labels"]["protocol"] == "http/1"]
+    assert series["labels"]["authority"].startswith("127.0.0.1:")
     return series
 
 

@@ -57,3 +57,45 @@ def test_promtool_accepts_the_exposition() -> None:
     accepted = "response_latency_ms metric names should not contain abbreviated units"
     assert [p for p in problems if p != accepted] == []
     assert result.returncode in (0, 3)  # 3: lint findings only (the accepted one)
+
+
+def test_label_sets_are_capped_with_an_overflow_series() -> None:
+    """Past MAX_SERIES label sets in a direction, new authorities count as overflow."""
+    from appliance.telemetry import metrics
+
+    r = metrics.Registry()
+    for i in range(metrics.MAX_SERIES):
+        r.http("outbound", "http/1", f"host{i}").requests += 1
+    r.http("outbound", "http/1", "one-too-many").requests += 1
+    r.http("outbound", "http/1", "another").requests += 1
+    text = r.render()
+    assert 'authority="one-too-many"' not in text
+    assert 'request_total{direction="outbound",protocol="http/1",authority="overflow",' \
+           'dst_service="overflow"} 2' in text
+    r.http("inbound", "http/1", "fresh").requests += 1  # the cap is per direction
+    assert 'authority="fresh"' in r.render()
+
+
+def test_idle_label_sets_expire() -> None:
+    """A series with no new request for SERIES_TTL seconds (and none in flight) is dropped;
+    the label-less series of a direction stays."""
+    from appliance.telemetry import metrics
+
+    r = metrics.Registry()
+    idle = r.http("outbound", "http/1", "idle.example")
+    idle.requests += 1
+    idle.response(200, 0.001)
+    busy = r.http("outbound", "http/1", "busy.example")
+    busy.requests += 1  # in flight: never expires while so
+    base = r.http("outbound", "http/1")
+    base.requests += 1
+    base.response(200, 0.001)
+    r.expire(1000.0)
+    r.expire(1000.0 + metrics.SERIES_TTL + 1)
+    names = {s.labels for s in r.http_series()}
+    assert (("direction", "outbound"), ("protocol", "http/1"),
+            ("authority", "idle.example")) not in names
+    assert any(("authority", "busy.example") in labels for labels in names)
+    assert (("direction", "outbound"), ("protocol", "http/1")) in names
+    again = r.http("outbound", "http/1", "idle.example")  # comes back on the next request
+    assert again is not idle and again.requests == 0

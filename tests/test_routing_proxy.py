@@ -59,6 +59,9 @@ def test_requests_on_one_connection_spread_over_replicas(
         answers = curl(p.outbound, [f"/r{i}" for i in range(10)], "Host: web")
         assert [s for s, _, _ in answers] == [200] * 10
         assert len(a.requests) == 5 and len(b.requests) == 5
+        assert p.metric("request_total", authority="web", dst_service="/#/static/web") == 10
+        assert p.metric("response_total", dst_service="/#/static/web",
+                        classification="success") == 10
     finally:
         p.stop()
 

@@ -124,8 +124,8 @@ def _series_json(window: Window, key: Hashable, counters: Counters,
 
 def stats_json(proxy: Proxy, window: Window) -> dict[str, Any]:
     registry = proxy.registry
-    http = list(registry._http.values())
-    tcp = list(registry._tcp.values())
+    http = registry.http_series()
+    tcp = registry.tcp_series()
     current: dict[Hashable, Counters] = {("http", s.labels): http_counters(s) for s in http}
     current.update({("tcp", s.labels): tcp_counters(s) for s in tcp})
     window.update(current)

@@ -43,6 +43,7 @@ from appliance.protocols.http1_response import ResponseHead, ResponseParser, rew
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
     from appliance.routing.router import Pending, Router, Target
+    from appliance.telemetry.metrics import HttpStats
 
 # Reasons the client side is paused; reading resumes when none is left.
 _PIPELINE = 1
@@ -168,15 +169,24 @@ class Http1Server(asyncio.Protocol):
         elif self.ex is not None:
             self.ex.request_end(trailers)
 
+    def authority(self, head: RequestHead) -> str:
+        """The ``authority`` metric label: the Host the client asked for (lower case,
+        bounded), else the original destination."""
+        host = head.host
+        if host:
+            return host[:255].decode("latin-1").lower()
+        return "" if self.explicit else str(self.dst)
+
     def begin(self, head: RequestHead) -> None:
         d = self.d
-        d.http.requests += 1
+        stats = d.registry.http(d.name, "http/1", self.authority(head))
+        stats.requests += 1
         if head.via and any(d.via_name in v for v in head.via):
             d.registry.error(d.name, "loop")
             self.respond_error(head, 502, "request loop detected (Via names this proxy)",
-                               request_done=False)
+                               request_done=False, stats=stats)
             return
-        ex = self.ex = Exchange(self, head)
+        ex = self.ex = Exchange(self, head, stats)
         if d.tracer.on:
             ex.trace()
         ex.start()
@@ -192,15 +202,19 @@ class Http1Server(asyncio.Protocol):
         if ex is not None:
             ex.cancel()
         if ex is None or self.parser.in_head:  # a request not counted yet
-            self.d.http.requests += 1
-        self.d.http.response(status, 0.0, "bad_request")
+            stats = self.d.http
+            stats.requests += 1
+        else:
+            stats = ex.stats
+        stats.response(status, 0.0, "bad_request")
         self.write(error_response(status, reason, self.d.via, close=True))
         self.close()
 
     def respond_error(self, head: RequestHead, status: int, cause: str, *,
-                      request_done: bool, kind: str = "proxy") -> None:
+                      request_done: bool, kind: str = "proxy",
+                      stats: HttpStats | None = None) -> None:
         keep = request_done and head.keep_alive and not self.wants_close
-        self.d.http.response(status, 0.0, kind)
+        (stats or self.d.http).response(status, 0.0, kind)
         self.write(error_response(status, cause, self.d.via, close=not keep))
         self.exchange_done(keep)
 
@@ -325,13 +339,14 @@ class Exchange:
         "server", "d", "head", "started", "up", "pending", "pending_len", "request_done",
         "response_started", "response_head", "close_delimited",
         "keep_client", "waiting_since", "reused", "retried", "body_sent", "tunnel_early",
-        "finished", "interim", "dst", "target", "span",
+        "finished", "interim", "dst", "target", "span", "stats",
     )
 
-    def __init__(self, server: Http1Server, head: RequestHead) -> None:
+    def __init__(self, server: Http1Server, head: RequestHead, stats: HttpStats) -> None:
         self.server = server
         self.d = server.d
         self.head = head
+        self.stats = stats  # request_total & co. for this request's labels
         self.started = self.d.loop.time()
         self.up: Http1Upstream | None = None
         self.pending: list[bytes] = []
@@ -429,7 +444,20 @@ class Exchange:
             return False
         self.target = routed
         self.dst = routed.dst
+        self.count_as(routed)
         return True
+
+    def count_as(self, routed: Target) -> None:
+        """Routed to a service: the request counts under its ``dst_service`` label."""
+        if routed.service is None:
+            return
+        old = self.stats
+        labels = dict(old.labels)
+        new = self.d.registry.http(self.d.name, "http/1", labels.get("authority", ""),
+                                   routed.service_name)
+        old.requests -= 1
+        new.requests += 1
+        self.stats = new
 
     async def await_discovery(self, router: Router, pending: Pending) -> None:
         from appliance.routing.router import Pending, RouteError
@@ -454,6 +482,7 @@ class Exchange:
             return
         self.target = routed
         self.dst = routed.dst
+        self.count_as(routed)
         self.send()
 
     def send(self) -> None:
@@ -501,7 +530,7 @@ class Exchange:
     def open_tunnel(self, up: Http1Upstream) -> None:
         """CONNECT to us as an explicit proxy: the connection is up, say so and relay."""
         self.finished = True
-        self.d.http.response(200, self.d.loop.time() - self.started)
+        self.stats.response(200, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(True)
         if self.span is not None:
@@ -612,7 +641,7 @@ class Exchange:
         if (rh.status == 101 or self.head.method == b"CONNECT") and self.tunnel_opens(rh):
             return  # the tunnel takes over in upgraded()
         self.finished = True
-        self.d.http.response(rh.status, self.d.loop.time() - self.started)
+        self.stats.response(rh.status, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(rh.status < 500)
         if self.span is not None:
@@ -649,7 +678,7 @@ class Exchange:
             self.upstream_failed("upstream switched protocols unasked")
             return
         self.finished = True
-        self.d.http.response(rh.status, self.d.loop.time() - self.started)
+        self.stats.response(rh.status, self.d.loop.time() - self.started)
         up.detach()
         up.detach_for_tunnel()
         server.detach_for_tunnel()
@@ -708,12 +737,12 @@ class Exchange:
         self.discard_upstream()
         server = self.server
         if self.response_started:
-            self.d.http.response(self.response_head.status if self.response_head else status,
-                                 self.d.loop.time() - self.started, kind)
+            self.stats.response(self.response_head.status if self.response_head else status,
+                                self.d.loop.time() - self.started, kind)
             server.abort()
             return
         server.respond_error(self.head, status, cause, request_done=self.request_done,
-                             kind=kind)
+                             kind=kind, stats=self.stats)
 
     def discard_upstream(self) -> None:
         up, self.up = self.up, None

@@ -55,6 +55,11 @@ class Target:
 
     __slots__ = ("dst", "service", "endpoint", "started", "name", "reported")
 
+    @property
+    def service_name(self) -> str:
+        """The bound name, for the ``dst_service`` metric label ("" when not routed)."""
+        return show_path(self.service.id) if self.service is not None else ""
+
     def __init__(self, dst: OrigDst, service: Service | None, endpoint: Any, name: str,
                  started: float) -> None:
         self.dst = dst

@@ -29,13 +29,24 @@ def classify(status: int, grpc_status: str = "") -> str:
     return "failure" if status >= 500 else "success"
 
 
-class HttpStats:
-    """Request/response counters for one label set (direction, protocol)."""
+MAX_SERIES = 1000
+"""Most HTTP label sets per direction; past it, new authorities and services are counted
+under ``authority="overflow"``, ``dst_service="overflow"`` (bounded cardinality)."""
+SERIES_TTL = 600.0
+"""Seconds a label set may see no request before it is dropped from /metrics."""
 
-    __slots__ = ("labels", "requests", "responses", "buckets", "latency_sum", "latency_count")
+
+class HttpStats:
+    """Request/response counters for one label set (direction, protocol, authority,
+    dst_service)."""
+
+    __slots__ = ("labels", "requests", "responses", "buckets", "latency_sum", "latency_count",
+                 "seen", "seen_at")
 
     def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
         self.labels = labels
+        self.seen = -1  # requests at the last scrape that saw a change, and when
+        self.seen_at = 0.0
         self.requests = 0
         self.responses: dict[tuple[int, str, str], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
@@ -70,7 +81,8 @@ class Registry:
     """Holds every stats object; builds the exposition on scrape."""
 
     def __init__(self) -> None:
-        self._http: dict[tuple[tuple[str, str], ...], HttpStats] = {}
+        self._http: dict[tuple[str, str, str, str], HttpStats] = {}
+        self._series: dict[str, int] = {}  # label sets per direction
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.discovery_results: dict[tuple[str, str], int] = {}
@@ -79,12 +91,41 @@ class Registry:
         self.identity: Any = None  # the IdentityManager, when identity is on
         self.start_time = time.time()
 
-    def http(self, direction: str, protocol: str = "http/1") -> HttpStats:
-        labels = (("direction", direction), ("protocol", protocol))
-        stats = self._http.get(labels)
+    def http(self, direction: str, protocol: str = "http/1", authority: str = "",
+             dst_service: str = "") -> HttpStats:
+        """The counters of one label set (made on first use; a dict lookup after that)."""
+        key = (direction, protocol, authority, dst_service)
+        stats = self._http.get(key)
         if stats is None:
-            stats = self._http[labels] = HttpStats(labels)
+            if self._series.get(direction, 0) >= MAX_SERIES and (authority or dst_service) \
+                    and authority != "overflow":
+                return self.http(direction, protocol, "overflow", "overflow")
+            labels = (("direction", direction), ("protocol", protocol))
+            if authority:
+                labels += (("authority", authority),)
+            if dst_service:
+                labels += (("dst_service", dst_service),)
+            stats = self._http[key] = HttpStats(labels)
+            self._series[direction] = self._series.get(direction, 0) + 1
         return stats
+
+    def http_series(self) -> list[HttpStats]:
+        """Every live HTTP label set (for the admin APIs)."""
+        return list(self._http.values())
+
+    def tcp_series(self) -> list[TcpStats]:
+        return list(self._tcp.values())
+
+    def expire(self, now: float) -> None:
+        """Drop label sets with an authority or service that saw no request for
+        ``SERIES_TTL`` seconds and have none in flight (called at scrape)."""
+        for key, stats in list(self._http.items()):
+            if stats.requests != stats.seen:
+                stats.seen, stats.seen_at = stats.requests, now
+            elif (key[2] or key[3]) and now - stats.seen_at > SERIES_TTL \
+                    and stats.requests <= stats.latency_count:
+                del self._http[key]
+                self._series[key[0]] -= 1
 
     def tcp(self, direction: str, protocol: str, peer: str) -> TcpStats:
         labels = (("direction", direction), ("peer", peer), ("protocol", protocol))
@@ -108,6 +149,7 @@ class Registry:
 
     # --- exposition ----------------------------------------------------------------------
     def render(self) -> str:
+        self.expire(time.monotonic())
         out: list[str] = []
         self._render_http(out)
         self._render_tcp(out)
