@@ -173,7 +173,7 @@ class ThriftPool:
         if up.closed or up.pooled or len(up.calls) >= self.shared.max_pending:
             return
         conns = self.free.setdefault(up.key, [])
-        if not up.calls and sum(1 for c in conns if not c.calls) >= self.shared.max_idle:
+        if not up.calls and len(conns) >= self.shared.max_idle:
             up.close()
             return
         up.pooled = True

@@ -26,8 +26,9 @@ Pure: bytes in, events out. No sockets, no clock.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from struct import pack, unpack_from
+from typing import NamedTuple
 
 from appliance.protocols.thrift_skip import (
     MALFORMED,
@@ -73,22 +74,26 @@ class Variant:
 
     transport: Transport
     encoding: Encoding
+    # Derived once: read per message, and the hash is part of every pool lookup.
+    framed: bool = field(init=False, repr=False, compare=False)
+    compact: bool = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def framed(self) -> bool:
-        return self.transport is Transport.FRAMED
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "framed", self.transport is Transport.FRAMED)
+        object.__setattr__(self, "compact", self.encoding is Encoding.COMPACT)
+        object.__setattr__(self, "_hash", hash((self.transport.value, self.encoding.value)))
 
-    @property
-    def compact(self) -> bool:
-        return self.encoding is Encoding.COMPACT
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.transport.value}/{self.encoding.value}"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One message: its header fields and its exact wire bytes.
+class Message(NamedTuple):
+    """One message: its header fields and its exact wire bytes (immutable; a tuple, as it
+    is made for every message on the data path).
 
     ``seqid_at:seqid_end`` is where the seqid sits in ``data``. ``result_field`` is, for a
     REPLY, the id of the result struct's first field: 0 for a success (or a void method's
@@ -171,8 +176,7 @@ def sniff(buf: bytes) -> Variant | _NeedMore | None:
 
 # --- headers -----------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class _Head:
+class _Head(NamedTuple):
     name: str
     type: int
     seqid: int
@@ -235,14 +239,17 @@ def _head_compact(buf: bytes | bytearray, pos: int, n: int) -> _Head | None:
         raise ThriftError(MALFORMED, "not a compact message (no 0x82, version 1)")
     mtype = buf[pos + 1] >> 5
     _check_type(mtype)
-    seqid, at_end = read_varint(buf, pos + 2, n, 5)
-    if seqid < 0:
-        return None
-    if seqid > 0xFFFFFFFF:
-        raise ThriftError(MALFORMED, "seqid does not fit 32 bits")
-    length, start = read_varint(buf, at_end, n, 5)
-    if length < 0:
-        return None
+    if pos + 4 <= n and buf[pos + 2] < 0x80 and buf[pos + 3] < 0x80:  # the usual: short
+        seqid, at_end, length, start = buf[pos + 2], pos + 3, buf[pos + 3], pos + 4
+    else:
+        seqid, at_end = read_varint(buf, pos + 2, n, 5)
+        if seqid < 0:
+            return None
+        if seqid > 0xFFFFFFFF:
+            raise ThriftError(MALFORMED, "seqid does not fit 32 bits")
+        length, start = read_varint(buf, at_end, n, 5)
+        if length < 0:
+            return None
     _check_length(length)
     if start + length > n:
         return None
@@ -378,7 +385,14 @@ class Decoder:
 
 # --- writing -----------------------------------------------------------------------------
 
+_SMALL = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
