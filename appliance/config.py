@@ -233,6 +233,9 @@ class Config:
     (docs/discovery.md). A dtab reaches one as ``/#/<kind>`` (or its ``prefix``)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
+    access_log: str = ""
+    """Where to write one JSON line per request: empty (off), ``stderr``, or a file path
+    (docs/observability.md lists the fields)."""
     shutdown_grace: float = 30.0
     """Seconds that in-flight requests, streams and tunnels get to finish after SIGTERM
     (or POST /shutdown) before the proxy closes them and exits."""

@@ -33,6 +33,7 @@ from appliance.admin.server import AdminRequest, Route, start_admin
 from appliance.config import Config
 from appliance.identity.manager import IdentityManager
 from appliance.net.listener import Direction, start_listener
+from appliance.telemetry.accesslog import AccessLog, open_access_log
 from appliance.telemetry.metrics import Registry
 from appliance.telemetry.tracing import OFF, from_environ
 
@@ -56,6 +57,7 @@ class Proxy:
         self.instance_id = config.instance_id or secrets.token_hex(4)
         self.directions: list[Direction] = []
         self.tracer = OFF
+        self.access_log: AccessLog | None = None
         self.identity: IdentityManager | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.ready = False
@@ -72,9 +74,11 @@ class Proxy:
         self.registry.identity = self.identity
         if self.identity is not None:
             self.identity.start()
+        self.access_log = open_access_log(conf.access_log)
         for name, side in (("outbound", conf.outbound), ("inbound", conf.inbound)):
             d = Direction(name, conf, self.registry, self.instance_id, loop)
             d.tracer = self.tracer
+            d.access_log = self.access_log
             self.directions.append(d)
             d.start_router()
             self.servers.append(await start_listener(d, side.bind, side.port))
@@ -190,6 +194,8 @@ class Proxy:
                 task.cancel()
         if self.identity is not None:
             await self.identity.stop()
+        if self.access_log is not None:
+            self.access_log.close()
         if self.tracer.on:
             await loop.run_in_executor(None, self.tracer.shutdown, 5.0)  # flush the spans
         self.stopped.set()

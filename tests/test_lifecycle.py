@@ -186,3 +186,27 @@ def test_await_gives_up_when_no_proxy() -> None:
          "--timeout", "0.5", "--", "false-command-never-run"],
         capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "not ready" in done.stderr
+
+
+def test_access_log_lines(tmp_path: Path, backend: H11Server) -> None:
+    """access_log=FILE: one JSON line per request with status, method, path, timing and
+    the proxy's own errors; nothing is written when it is off (the default)."""
+    import json
+
+    log = tmp_path / "access.jsonl"
+    p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{backend.port}",
+                     f"access_log={log}")
+    try:
+        with socket.create_connection(("127.0.0.1", p.outbound), timeout=10) as s:
+            assert get(s, "web.example", "/logged?q=1") == b"GET /logged?q=1\n"
+            assert get(s, "web.example", "/status?503") == b"status\n"
+        wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 2, timeout=10,
+                 what="two access-log lines")
+    finally:
+        p.stop()
+    first, second = (json.loads(line) for line in log.read_text().splitlines())
+    assert first["method"] == "GET" and first["path"] == "/logged?q=1"
+    assert first["status"] == 200 and first["authority"] == "web.example"
+    assert first["direction"] == "outbound" and first["upstream"] == f"127.0.0.1:{backend.port}"
+    assert first["duration_ms"] >= 0 and first["time"].endswith("Z")
+    assert second["status"] == 503 and "error" not in second

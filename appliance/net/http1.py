@@ -381,10 +381,23 @@ class Exchange:
             self.span = span
 
     def end_span(self, status: int, error: str = "") -> None:
+        """The request is over (``error`` says why if it failed): end its span and write
+        its access-log line."""
         span, self.span = self.span, None
         if span is not None:
             span.end(status, error=error, peer=self.dst if self.d.name == "outbound" else None,
                      retries=1 if self.retried else 0)
+        log = self.d.access_log
+        if log is not None:
+            head, labels = self.head, dict(self.stats.labels)
+            log.write(direction=self.d.name, protocol="http/1",
+                      method=head.method.decode("latin-1"),
+                      authority=labels.get("authority"), path=head.target.decode("latin-1"),
+                      status=status, duration_ms=round(
+                          (self.d.loop.time() - self.started) * 1000, 3),
+                      upstream=str(self.dst), dst_service=labels.get("dst_service"),
+                      error=error, retries=1 if self.retried else 0,
+                      trace_id=f"{span.trace_id:032x}" if span is not None else None)
 
     # --- request side ------------------------------------------------------------------
     def start(self) -> None:
@@ -533,7 +546,7 @@ class Exchange:
         self.stats.response(200, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(True)
-        if self.span is not None:
+        if self.span is not None or self.d.access_log is not None:
             self.end_span(200)
         up.detach_for_tunnel()
         self.server.detach_for_tunnel()
@@ -644,7 +657,7 @@ class Exchange:
         self.stats.response(rh.status, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(rh.status < 500)
-        if self.span is not None:
+        if self.span is not None or self.d.access_log is not None:
             self.end_span(rh.status)
         self.release()
 
@@ -684,7 +697,7 @@ class Exchange:
         server.detach_for_tunnel()
         if self.target is not None:
             self.target.done(True)
-        if self.span is not None:
+        if self.span is not None or self.d.access_log is not None:
             self.end_span(rh.status)
         relay = Relay(self.d, server.transport, self.dst, "tunnel", b"")
         relay.join(up.transport, to_up=self.tunnel_early, to_down=rest)
@@ -732,7 +745,7 @@ class Exchange:
         self.finished = True
         if self.target is not None:
             self.target.done(False)
-        if self.span is not None:
+        if self.span is not None or self.d.access_log is not None:
             self.end_span(status, cause)
         self.discard_upstream()
         server = self.server
@@ -757,7 +770,7 @@ class Exchange:
             self.finished = True
             if self.target is not None:
                 self.target.done(True)  # the client left: not the endpoint's failure
-            if self.span is not None:
+            if self.span is not None or self.d.access_log is not None:
                 self.end_span(0, "client went away")
             self.discard_upstream()
 

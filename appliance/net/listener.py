@@ -27,6 +27,7 @@ from appliance.net.relay import Relay
 from appliance.net.thrift import start_thrift
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
+from appliance.telemetry.accesslog import AccessLog
 from appliance.telemetry.metrics import Registry, TcpStats
 from appliance.telemetry.tracing import OFF, Tracer
 
@@ -63,6 +64,7 @@ class Direction:
         self._tcp: dict[tuple[str, str], TcpStats] = {}
         self.router: Any = None  # the Router, set by start_router() when a dtab is set
         self.tracer: Tracer = OFF  # set by the Proxy when tracing is configured
+        self.access_log: AccessLog | None = None  # set by the Proxy when configured
 
     def start_router(self) -> None:
         """Build the logical router (outbound with a dtab only); needs the running loop."""
