@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from appliance import __version__
@@ -379,11 +379,6 @@ def _check_config(env: Mapping[str, str]) -> None:
         field_name = str(exc).split(":", 1)[0]
         var = next((v for v, p in sources.items() if p == field_name), field_name)
         raise AnnotationError(f"proxy setting {var}: {exc}") from None
-
-
-def with_version(opts: InjectOptions, text: str | None) -> InjectOptions:
-    return opts if text is None else replace(opts, kubernetes_version=
-                                             parse_kubernetes_version(text))
 
 
 def container_port_names(containers: Sequence[Mapping[str, Any]]) -> dict[str, int]:
