@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+from support import H11Server
 
 from appliance.telemetry.metrics import LATENCY_BUCKETS_MS, Registry
 
@@ -99,3 +100,48 @@ def test_idle_label_sets_expire() -> None:
     assert (("direction", "outbound"), ("protocol", "http/1")) in names
     again = r.http("outbound", "http/1", "idle.example")  # comes back on the next request
     assert again is not idle and again.requests == 0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None or shutil.which("nghttp") is None,
+                    reason="promtool or nghttp not installed")
+def test_promtool_accepts_a_busy_proxy(backend: H11Server) -> None:
+    """A proxy that served HTTP/1 (routed), HTTP/2, gRPC and opaque traffic: its /metrics
+    passes promtool (beyond the one accepted lint) and shows every protocol."""
+    import socket
+
+    import grpc
+    from support import ProxyProcess
+    from test_proxy_http2 import grpc_service
+
+    unary = grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok:" + request)
+    with grpc_service("test.M", {"Unary": unary}) as grpc_port:
+        p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{grpc_port}",
+                         f"routing.dtab=/svc/h1 => /$/inet/127.0.0.1/{backend.port}")
+        try:
+            h1 = subprocess.run(["curl", "-sS", "-H", "Host: h1",
+                                 f"http://127.0.0.1:{p.outbound}/x"], capture_output=True,
+                                timeout=30)
+            assert h1.stdout == b"GET /x\n", h1.stderr
+            with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+                assert channel.unary_unary("/test.M/Unary")(b"a", timeout=10) == b"ok:a"
+            h2 = subprocess.run(["nghttp", "-n", f"http://127.0.0.1:{p.outbound}/plain"],
+                                capture_output=True, timeout=30)  # HTTP/2, not gRPC
+            assert h2.returncode == 0, h2.stderr
+            with socket.create_connection(("127.0.0.1", p.outbound), timeout=10) as s:
+                s.sendall(b"\x00\x01\x02 opaque bytes\r\n")
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(10)
+                while s.recv(65536):
+                    pass
+            text = p.metrics()
+        finally:
+            p.stop()
+    for protocol in ("http/1", "h2", "opaque"):
+        assert f'protocol="{protocol}"' in text, protocol
+    assert 'grpc_status="0"' in text
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                            capture_output=True, timeout=30)
+    problems = [line for line in (result.stdout + result.stderr).decode().splitlines()
+                if line.strip()]
+    accepted = "response_latency_ms metric names should not contain abbreviated units"
+    assert [x for x in problems if x != accepted] == [], problems
