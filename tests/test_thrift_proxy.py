@@ -169,6 +169,23 @@ def test_pipelined_calls_are_answered_in_call_order(
         p.stop()
 
 
+def test_a_deep_pipeline_is_bounded_at_64_calls_in_flight() -> None:
+    """100 slow calls in one write: at most 64 run upstream at once (the rest wait in
+    the proxy), and all 100 replies come back in order."""
+    server = EchoServer("framed-binary")
+    try:
+        with proxy(f"outbound.orig_dst_override=127.0.0.1:{server.port}") as p, \
+                socket.create_connection(("127.0.0.1", p.outbound), timeout=20) as s:
+            s.sendall(b"".join(framed_call("slow", i, echo.Echo.slow_args(seconds=0.5))
+                               for i in range(100)))
+            replies = read_replies(s, 100)
+        assert [m.seqid for m in replies] == list(range(100))
+        assert all(m.type == REPLY for m in replies)
+        assert 32 <= server.handler.peak <= 64, server.handler.peak
+    finally:
+        server.close()
+
+
 def test_per_method_metrics(replicas: tuple[EchoServer, EchoServer]) -> None:
     """request_total and response_total carry the Thrift method."""
     if "method" not in inspect.signature(Registry.http).parameters:

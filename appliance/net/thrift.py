@@ -12,8 +12,9 @@ or dials one, and is written there with that connection's own seqid
 endpoints, and their replies come back to the right caller.
 
 Replies go back to the client in the order its calls came (a Thrift client expects the
-order a single server would give); a reply that is ready early waits, at most
-:data:`MAX_INFLIGHT` calls deep, after which the client is not read until replies leave.
+order a single server would give); a reply that is ready early waits. Past
+:data:`MAX_INFLIGHT` calls (or :data:`MAX_HELD` bytes of their requests) in flight, or while
+the client does not read its replies, the client is not read until replies leave.
 ONEWAY calls have no reply: they are done once written upstream.
 
 Outcomes: a REPLY is a success (a declared exception is the method's answer, as in
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.thrift")
 
 MAX_INFLIGHT = 64  # two-way calls per client connection before it is no longer read
+MAX_HELD = 8 * 1024 * 1024  # ... or bytes of their requests (a single larger call passes)
 TRACE_PROBE = "__can__finagle__trace__v3__"  # Finagle's TTwitter upgrade probe
 
 
@@ -98,6 +100,8 @@ class ThriftServer(asyncio.Protocol):
         self.decoder = Decoder(variant, max_frame_bytes=self.shared.max_frame_bytes)
         self.tcp = d.tcp_stats("thrift", "src")
         self.queue: deque[Call] = deque()  # two-way calls in arrival order, until answered
+        self.held = 0  # request bytes of the calls in the queue
+        self.backlog: deque[Message] = deque()  # read, but not started: too many in flight
         self.closed = False
         self.wants_close = False
         self.paused = False
@@ -124,11 +128,21 @@ class ThriftServer(asyncio.Protocol):
         except ThriftError as exc:
             self.protocol_error(exc)
             return
-        for msg in messages:
-            if self.closed:
-                return
-            self.on_message(msg)
+        if len(messages) == 1 and not self.backlog and not self.full():
+            self.on_message(messages[0])  # the usual case
+        elif messages:
+            self.backlog.extend(messages)
+            self.drain()
         self.flow()
+
+    def full(self) -> bool:
+        return len(self.queue) >= MAX_INFLIGHT or self.held > MAX_HELD
+
+    def drain(self) -> None:
+        """Start the calls held back, while there is room."""
+        backlog = self.backlog
+        while backlog and not self.closed and not self.full():
+            self.on_message(backlog.popleft())
 
     def on_message(self, msg: Message) -> None:
         if msg.type != CALL and msg.type != ONEWAY:
@@ -137,6 +151,7 @@ class ThriftServer(asyncio.Protocol):
         call = Call(self, msg)
         if msg.type == CALL:
             self.queue.append(call)
+            self.held += len(msg.data)
             if msg.name == TRACE_PROBE:  # "not upgraded": the client goes on with plain Thrift
                 call.answer(encode_exception(self.variant, msg.name, msg.seqid,
                                              "appliance: no TTwitter upgrade", UNKNOWN_METHOD))
@@ -149,7 +164,7 @@ class ThriftServer(asyncio.Protocol):
         except ThriftError as exc:
             self.protocol_error(exc)
             return False
-        if not self.queue:
+        if not self.queue and not self.backlog:
             self.close()
             return False
         self.wants_close = True  # answer what was asked, then close
@@ -168,17 +183,21 @@ class ThriftServer(asyncio.Protocol):
             return  # an earlier call's reply is still due; this one waits in call.reply
         out: list[bytes] = []
         while queue and queue[0].reply is not None:
-            out.append(queue.popleft().reply)  # type: ignore[arg-type]
+            done = queue.popleft()
+            self.held -= len(done.msg.data)
+            out.append(done.reply)  # type: ignore[arg-type]
         data = out[0] if len(out) == 1 else b"".join(out)
         self.tcp.write_bytes += len(data)
         self.transport.write(data)
-        if self.wants_close and not queue:
+        if self.backlog:
+            self.drain()
+        if self.wants_close and not queue and not self.backlog:
             self.close()
         elif self.paused:
             self.flow()
 
     def flow(self) -> None:
-        busy = len(self.queue) >= MAX_INFLIGHT or self.write_paused
+        busy = bool(self.backlog) or self.full() or self.write_paused
         if busy != self.paused and not self.closed:
             self.paused = busy
             if busy:

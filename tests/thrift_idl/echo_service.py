@@ -47,6 +47,8 @@ class Handler:
         self.calls: Counter[str] = Counter()
         self.notes: list[str] = []
         self.lock = threading.Lock()
+        self.active = 0  # slow() calls running now, and the most at once
+        self.peak = 0
 
     def _count(self, method: str) -> None:
         with self.lock:
@@ -86,7 +88,14 @@ class Handler:
 
     def slow(self, seconds: float) -> str:
         self._count("slow")
-        time.sleep(seconds)
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(seconds)
+        finally:
+            with self.lock:
+                self.active -= 1
         return self.name
 
 
