@@ -228,9 +228,17 @@ def start_targets(tmp: Path, variant: str, appliance: str) -> tuple[dict[str, in
                                  opaque, PROXY_CORE, [])
         svc.start()
         started.append(svc)
-        svc.wait_ready(lambda p=p: services.http_get(p[2], "/ready")[0] == 200, 20)
-        svc.wait_ready(lambda p=p: thriftpy2_ping(p[0], variant) == "pong", 20)
-        ports[name] = p[0]
+        outbound, admin = p[0], p[2]
+
+        def ready(admin: int = admin) -> bool:
+            return services.http_get(admin, "/ready")[0] == 200
+
+        def answers(outbound: int = outbound) -> bool:
+            return thriftpy2_ping(outbound, variant) == "pong"
+
+        svc.wait_ready(ready, 20)
+        svc.wait_ready(answers, 20)
+        ports[name] = outbound
     return ports, started
 
 

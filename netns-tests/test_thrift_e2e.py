@@ -131,6 +131,11 @@ def test_thrift_calls_spread_over_replicas_on_one_connection(
                            protocol="thrift") == 20, r.diag(client_metrics)
     for node in r.web:
         want = seen[node.host.name]
-        eventually(lambda n=node, w=want: n.metric("request_total", direction="inbound",
-                                                   protocol="thrift") >= w,
-                   5, lambda n=node: r.diag(n.metrics()))
+
+        def counted(n: MeshNode = node, w: int = want) -> bool:
+            return n.metric("request_total", direction="inbound", protocol="thrift") >= w
+
+        def explain(n: MeshNode = node) -> str:
+            return r.diag(n.metrics())
+
+        eventually(counted, 5, explain)

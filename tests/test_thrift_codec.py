@@ -367,7 +367,7 @@ def items(draw: st.DrawFn, depth: int = 2) -> Any:
     )
 
 
-def _splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
+def _splits(draw: Callable[..., Any], data: bytes) -> list[bytes]:
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
     edges = [0, *cuts, len(data)]
     return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]

@@ -117,7 +117,8 @@ def test_calls_succeed_in_every_variant(variant: str) -> None:
             finally:
                 c.close()
             wait_for(lambda: server.handler.notes == ["one-way"], what="the oneway call")
-            assert p.metric("request_total", direction="outbound", protocol="thrift") == 26
+            assert p.metric("request_total", direction="outbound", protocol="thrift",
+                            authority=f"127.0.0.1:{server.port}") == 26
             assert p.metric("response_total", protocol="thrift", status_code="200",
                             classification="success") == 26
             assert p.metric("tcp_open_total", protocol="thrift", peer="src") == 1

@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,9 +39,10 @@ class _WithThrift:
 
 
 def with_thrift(base: Config, **fields: Any) -> Any:
-    current = getattr(base, "thrift", None)
+    current: Any = getattr(base, "thrift", None)
     if current is not None and dataclasses.is_dataclass(current):
-        return dataclasses.replace(base, thrift=dataclasses.replace(current, **fields))
+        replace: Any = dataclasses.replace  # Config's own thrift section, once it has one
+        return replace(base, thrift=replace(current, **fields))
     return _WithThrift(base, SimpleNamespace(**fields))
 
 
@@ -76,7 +78,7 @@ class InProcessProxy:
 
     def stop(self) -> None:
         for d in self.proxy.directions:
-            self.call(lambda d=d: close_all(d))
+            self.call(partial(close_all, d))
         self.run(self.proxy.stop(drain=0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -97,6 +97,7 @@ class ThriftServer(asyncio.Protocol):
         self.transport = transport
         self.dst = dst
         self.variant = variant
+        self.authority = str(dst)  # the metric label
         self.decoder = Decoder(variant, max_frame_bytes=self.shared.max_frame_bytes)
         self.tcp = d.tcp_stats("thrift", "src")
         self.queue: deque[Call] = deque()  # two-way calls in arrival order, until answered
@@ -264,7 +265,7 @@ class Call:
 
     # --- routing and sending ---------------------------------------------------------------
     def start(self) -> None:
-        self.stats = self.shared.method_stats(self.msg.name)
+        self.stats = self.shared.call_stats(self.server.authority, self.msg.name)
         self.stats.requests += 1
         self.shared.budget.deposit()
         self.attempt()

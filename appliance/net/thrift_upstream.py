@@ -16,7 +16,7 @@ calls fail (and may be retried). A call that gave up (timeout, client gone) stay
 ``calls`` until its reply comes, so the late reply is recognised and dropped.
 
 :class:`ThriftShared` holds, per direction, what outlives a connection: the pool, the retry
-budget, per-method metrics, and one sweep timer (every :data:`TICK` s while any Thrift
+budget, the metric label sets, and one sweep timer (every :data:`TICK` s while any Thrift
 connection exists) that enforces call deadlines, closes idle client connections and trims
 the pool, so no call arms a timer of its own.
 """
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.thrift")
 
 TICK = 0.25  # seconds between sweeps (deadline precision)
-MAX_METHODS = 512  # distinct method labels per direction; more are counted as "other"
+MAX_LABEL = 255  # longest method name used as a label value
 Key = tuple[OrigDst, Variant]
 
 
@@ -225,23 +225,22 @@ class ThriftShared:
         self.budget = RetryBudget(d.loop.time)
         self.pool = ThriftPool(self)
         self.conns: set[ThriftServer] = set()
-        self.stats: dict[str, HttpStats] = {}
-        self._by_method = "method" in inspect.signature(d.registry.http).parameters
+        params = inspect.signature(d.registry.http).parameters
+        self._by_authority = "authority" in params
+        self._by_method = "method" in params
         self._timer: Any = None
 
     # --- metrics ---------------------------------------------------------------------------
-    def method_stats(self, name: str) -> HttpStats:
-        stats = self.stats.get(name)
-        if stats is None:
-            if len(self.stats) >= MAX_METHODS:
-                return self.method_stats("other") if name != "other" else self._make("other")
-            stats = self.stats[name] = self._make(name)
-        return stats
-
-    def _make(self, method: str) -> HttpStats:
+    def call_stats(self, authority: str, method: str) -> HttpStats:
+        """The counters of one call, fetched per call (the registry may expire idle label
+        sets): labelled with the original destination as ``authority``, as HTTP/1 does
+        without a Host, and with the method once the registry takes a ``method`` label."""
         registry = self.d.registry
         if self._by_method:
-            return registry.http(self.d.name, "thrift", method=method)  # type: ignore[call-arg]
+            return registry.http(self.d.name, "thrift", authority,  # type: ignore[call-arg]
+                                 method=method[:MAX_LABEL])
+        if self._by_authority:
+            return registry.http(self.d.name, "thrift", authority)
         return registry.http(self.d.name, "thrift")
 
     # --- names -----------------------------------------------------------------------------
