@@ -64,6 +64,16 @@ class OutboundConfig:
     http1_upstream_ports: frozenset[int] = frozenset()
     """Ports whose servers speak only HTTP/1.1: HTTP/2 requests to them (not gRPC) are
     translated to HTTP/1.1."""
+    tls_originate: str = ""
+    """Destinations the app speaks plaintext to that get TLS on the wire:
+    ``DEST=sni:NAME[,ca:FILE][,port:N]`` entries separated by ``;``, DEST being ``IP:PORT``,
+    ``[IPv6]:PORT`` or a bare ``PORT`` (docs/mtls.md). The server's certificate is verified
+    against the system store (or ``ca:FILE``) and ``sni:NAME``."""
+
+    def __post_init__(self) -> None:
+        from appliance.identity import policy
+
+        policy.parse_origination(self.tls_originate, "outbound.tls_originate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +95,25 @@ class InboundConfig:
     http1_upstream_ports: frozenset[int] = frozenset()
     """Ports of the local workload that speak only HTTP/1.1: HTTP/2 requests to them are
     translated to HTTP/1.1."""
+    tls_mode: str = "permissive"
+    """``permissive``: ports not listed in ``authorization`` accept any client, plaintext
+    included. ``strict``: they accept only clients with a mesh identity (mutual TLS);
+    plaintext connections to them are closed (docs/mtls.md)."""
+    authorization: str = ""
+    """Who may connect, per port: ``PORTS=CLIENTS`` entries separated by ``;``; CLIENTS are
+    ``unauthenticated``, ``meshed``, ``deny``, SPIFFE IDs and ``spiffe://...*`` prefixes,
+    comma-separated (docs/mtls.md)."""
+    tls_terminate: str = ""
+    """Ports that terminate TLS from clients outside the mesh: ``PORTS=NAME[,NAME...]`` (a
+    certificate for these DNS names from the mesh issuer) or ``PORTS=@CERT[,@KEY]`` (given
+    PEM files), entries separated by ``;`` (docs/mtls.md)."""
+
+    def __post_init__(self) -> None:
+        from appliance.identity import policy
+
+        mode = policy.parse_mode("inbound.tls_mode", self.tls_mode)
+        policy.parse_authorization(self.authorization, mode, "inbound.authorization")
+        policy.parse_termination(self.tls_terminate, "inbound.tls_terminate")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,6 +77,18 @@ class TcpStats:
         self.write_bytes = 0
 
 
+class AuthzStats:
+    """Authorization decisions for one label set (port, tls, client_id): requests for
+    HTTP, connections for TCP."""
+
+    __slots__ = ("labels", "allow", "deny")
+
+    def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.labels = labels
+        self.allow = 0
+        self.deny = 0
+
+
 class Registry:
     """Holds every stats object; builds the exposition on scrape."""
 
@@ -84,8 +96,10 @@ class Registry:
         self._http: dict[tuple[str, str, str, str], HttpStats] = {}
         self._series: dict[str, int] = {}  # label sets per direction
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
+        self._authz: dict[tuple[str, tuple[tuple[str, str], ...]], AuthzStats] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.discovery_results: dict[tuple[str, str], int] = {}
+        self.retries: dict[tuple[str, str, str], int] = {}  # see the "retries" section
         self.config_reloads = {"ok": 0, "error": 0}
         self.tracer: Any = None  # set by the proxy; its span counters are rendered
         self.identity: Any = None  # the IdentityManager, when identity is on
@@ -127,11 +141,22 @@ class Registry:
                 del self._http[key]
                 self._series[key[0]] -= 1
 
-    def tcp(self, direction: str, protocol: str, peer: str) -> TcpStats:
-        labels = (("direction", direction), ("peer", peer), ("protocol", protocol))
+    def tcp(self, direction: str, protocol: str, peer: str,
+            tls: tuple[tuple[str, str], ...] = ()) -> TcpStats:
+        """``tls``: the ``tls``, ``client_id``, ``server_id`` labels of mesh connections."""
+        labels = (("direction", direction), ("peer", peer), ("protocol", protocol)) + tls
         stats = self._tcp.get(labels)
         if stats is None:
             stats = self._tcp[labels] = TcpStats(labels)
+        return stats
+
+    def authz(self, kind: str, labels: tuple[tuple[str, str], ...]) -> AuthzStats:
+        """Inbound authorization counters; ``kind`` is ``http`` (per request) or ``tcp``
+        (per connection)."""
+        key = (kind, labels)
+        stats = self._authz.get(key)
+        if stats is None:
+            stats = self._authz[key] = AuthzStats(labels)
         return stats
 
     def error(self, direction: str, kind: str) -> None:
@@ -154,6 +179,8 @@ class Registry:
         self._render_http(out)
         self._render_tcp(out)
         self._render_errors(out)
+        self._render_retries(out)
+        self._render_authz(out)
         self._render_discovery(out)
         _render_process(out, self.start_time)
         return "\n".join(out) + "\n"
@@ -210,6 +237,49 @@ class Registry:
         for (direction, kind), n in sorted(self.errors.items()):
             out.append(f"proxy_errors_total{_fmt((('direction', direction), ('error', kind)))}"
                        f" {n}")
+
+    def _render_authz(self, out: list[str]) -> None:
+        for kind, unit in (("http", "requests"), ("tcp", "connections")):
+            rows = [s for (k, _), s in self._authz.items() if k == kind]
+            for verdict in ("allow", "deny"):
+                name = f"inbound_{kind}_authz_{verdict}_total"
+                _family(out, name, "counter",
+                        f"Inbound {unit} {'allowed' if verdict == 'allow' else 'denied'} "
+                        "by the port's authorization policy.")
+                for s in rows:
+                    out.append(f"{name}{_fmt(s.labels)} {getattr(s, verdict)}")
+
+    # --- retries (docs/reliability.md) ---------------------------------------------------
+    def retry(self, direction: str, reason: str) -> None:
+        """One retry sent; ``reason`` is what failed: ``unsent`` (connect refused or timed
+        out), ``response`` (a retryable response), ``connection`` (lost after sending),
+        ``timeout`` (attempt timeout) or ``stale`` (a reused idle connection was closed)."""
+        key = ("retry_total", direction, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
+
+    def retry_skipped(self, direction: str, reason: str) -> None:
+        """A retryable failure that was not retried: ``budget``, ``limit`` (max_retries),
+        ``body`` (too large to replay) or ``deadline``."""
+        key = (("retry_budget_exhausted_total" if reason == "budget"
+                else "retry_skipped_total"), direction, reason)
+        self.retries[key] = self.retries.get(key, 0) + 1
+
+    def _render_retries(self, out: list[str]) -> None:
+        rows = sorted(self.retries.items())
+        for name, help_text in (
+                ("retry_total", "Retries sent, by what failed (reason)."),
+                ("retry_budget_exhausted_total",
+                 "Retryable failures not retried because the retry budget was spent."),
+                ("retry_skipped_total", "Retryable failures not retried for another reason "
+                                        "(max_retries, body too large to replay, deadline).")):
+            _family(out, name, "counter", help_text)
+            for (family, direction, reason), n in rows:
+                if family != name:
+                    continue
+                labels: tuple[tuple[str, str], ...] = (("direction", direction),)
+                if name != "retry_budget_exhausted_total":
+                    labels += (("reason", reason),)
+                out.append(f"{name}{_fmt(labels)} {n}")
 
     def _render_discovery(self, out: list[str]) -> None:
         _family(out, "discovery_updates_total", "counter",
