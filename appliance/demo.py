@@ -4,8 +4,11 @@ Three hosts on a private bridge in 198.18.0.0/24: ``client``, ``web1`` and ``web
 ``appliance init`` installs the redirect rules and ``appliance proxy`` runs as UID 2102, as a
 sidecar would. Unmodified programs then talk: ``curl`` to ``python3 -m http.server`` on both
 web hosts, ``curl --http2-prior-knowledge`` to nghttpd on web2 (when nghttpd is installed),
-and a plain TCP client to an echo server on web2. The report shows what each
-proxy saw, read from its own /metrics. Everything is removed at the end (or on Ctrl-C).
+and a plain TCP client to an echo server on web2. The client's proxy also has a dtab that
+makes ``198.18.0.100:8080`` (an address no host has) a logical service balanced per request
+over web1 and web2, and it serves as an explicit proxy for ``http_proxy``. The report shows
+what each proxy saw, read from its own /metrics. Everything is removed at the end (or on
+Ctrl-C).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ HOSTS = ("client", "web1", "web2")
 HTTP_PORT = 8080
 ECHO_PORT = 7000
 H2_PORT = 8443
+SERVICE = "198.18.0.100"  # a logical service: no host has this address
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -55,10 +59,14 @@ def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
 
     say(f"appliance demo: {len(HOSTS)} hosts in network namespaces on {net.subnet}")
     nodes = {}
+    web = f'["{net["web1"].addr}:{HTTP_PORT}", "{net["web2"].addr}:{HTTP_PORT}"]'
+    routing = (f"routing.dtab=/svc/{SERVICE}:{HTTP_PORT} => /#/static/web",
+               f"namers=[{{kind: static, services: {{web: {web}}}}}]",
+               "balancer.kind=round_robin")
     for host in net:
         node = MeshNode(host, iptables_mode=args.iptables_mode)
         node.install_rules()
-        node.start_proxy()
+        node.start_proxy(*(routing if host.name == "client" else ()))
         nodes[host.name] = node
     os.chmod(tmp, 0o755)
     for name in ("web1", "web2"):
@@ -81,7 +89,9 @@ def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
                "web2": f"python3 -m http.server {HTTP_PORT}, TCP echo on {ECHO_PORT}"
                        + (f", nghttpd (h2c) on {H2_PORT}" if h2 else "")}
         say(f"  {host.name:<7} {host.addr:<12} {app[host.name]}")
-    say("  each: rules by `appliance init`, `appliance proxy` as UID 2102, apps unchanged\n")
+    say("  each: rules by `appliance init`, `appliance proxy` as UID 2102, apps unchanged")
+    say(f"  client proxy: dtab /svc/{SERVICE}:{HTTP_PORT} => /#/static/web "
+        "(web1 and web2, round robin)\n")
 
     ok = _traffic(net, args.requests)
     say("")
@@ -112,6 +122,8 @@ def _traffic(net: Any, count: int) -> bool:
         summary = ", ".join(f"{n}x {s}" for s, n in sorted(codes.items()))
         say(f"  curl {url} x{count}: {summary}, body {body.strip()!r}")
         say(f"    via: {via}")
+    ok = _balanced(client, count) and ok
+    ok = _explicit(client, net["web1"].addr) and ok
     if shutil.which("nghttpd"):
         ok = _h2(client, net["web2"].addr, count) and ok
     echo = _echo(client, net["web2"].addr)
@@ -119,6 +131,27 @@ def _traffic(net: Any, count: int) -> bool:
     say(f"  tcp {net['web2'].addr}:{ECHO_PORT}: 64 KiB of binary bytes echoed "
         f"{'byte for byte' if echo else 'WRONG'}")
     return ok
+
+
+def _balanced(client: Any, count: int) -> bool:
+    """The logical service: one curl, keep-alive, requests spread per request."""
+    url = f"http://{SERVICE}:{HTTP_PORT}/"
+    done = client.run(["curl", "-s", "--max-time", "10", *([url] * count)], check=False)
+    seen: dict[str, int] = {}
+    for line in done.stdout.splitlines():
+        seen[line.strip()] = seen.get(line.strip(), 0) + 1
+    summary = ", ".join(f"{n}x {body!r}" for body, n in sorted(seen.items()))
+    say(f"  curl {url} x{count} on one connection (logical service): {summary}")
+    return sum(seen.values()) == count and len(seen) == 2
+
+
+def _explicit(client: Any, addr: str) -> bool:
+    """An app that uses the local proxy on purpose (http_proxy), no redirect needed."""
+    url = f"http://{addr}:{HTTP_PORT}/"
+    done = client.run(["curl", "-s", "--max-time", "5", "--noproxy", "", "-x",
+                       "http://127.0.0.1:4140", url], check=False)
+    say(f"  curl -x http://127.0.0.1:4140 {url} (explicit proxy): {done.stdout.strip()!r}")
+    return done.stdout.strip() == "hello from web1"
 
 
 def _h2(client: Any, addr: str, count: int) -> bool:
