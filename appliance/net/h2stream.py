@@ -158,10 +158,12 @@ def to_downstream(stream: H2Stream, data: Any, end: bool, length: int) -> None:
         return
     server = stream.server
     conn = server.conn
-    if data.__class__ is bytes and not server.write_paused and len(data) <= conn.window(
-            stream.cs) and (data or end):
-        # The usual case: nothing waits and it fits; no queue.
-        conn.send_data(stream.cs, data, end)
+    cs = stream.cs
+    if data.__class__ is bytes and (data or end) and not server.write_paused and len(data) <= \
+            min(conn.send_window, cs.send_window, conn.max_frame):
+        # The usual case: nothing waits and it fits; no queue. (send_data does nothing
+        # if the client's side can no longer send.)
+        conn.send_data(cs, data, end)
         touch(server)
         up = stream.up
         if length and up is not None:

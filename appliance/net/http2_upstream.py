@@ -48,6 +48,7 @@ class Http2Upstream(asyncio.Protocol):
         self.last_read = d.loop.time()
         self.ping_sent = 0.0  # when the keepalive PING went out; 0 when none is pending
         self.settings_seen = False
+        self.limit = 100  # streams we may have open: the peer's SETTINGS say, 100 until then
         self.dirty = False
         self.write_paused = False
 
@@ -61,14 +62,11 @@ class Http2Upstream(asyncio.Protocol):
         """Streams the peer lets us open now (its MAX_CONCURRENT_STREAMS minus open ones).
         Until its SETTINGS arrive we assume 100 (RFC 9113's floor for what a peer should
         allow), so a burst is not refused."""
-        limit = self.conn.remote_max_streams
-        if not self.settings_seen:
-            limit = min(limit, 100)
-        return limit - len(self.streams)
+        return self.limit - len(self.streams)
 
     @property
     def full(self) -> bool:
-        return self.draining or self.capacity() - len(self.waiting) <= 0
+        return self.draining or len(self.streams) + len(self.waiting) >= self.limit
 
     def open(self, stream: H2Stream) -> None:
         us = self.conn.open_stream(stream.headers, stream.request_ended, stream, stream.head)
@@ -169,6 +167,7 @@ class Http2Upstream(asyncio.Protocol):
             drain(s.user, down=False)
 
     def on_settings(self) -> None:
+        self.limit = self.conn.remote_max_streams
         if not self.settings_seen:
             self.settings_seen = True
             self.open_waiting()

@@ -98,6 +98,7 @@ class H2Connection(H2State):
         self.buf = b""
         self.preface_wanted = not client
         self.settings_seen = False  # the peer's first SETTINGS arrived
+        self.expecting = True  # a frame type is due: the first SETTINGS, or CONTINUATION
         self.max_block = max_header_list_size + DEFAULT_MAX_FRAME
         # A header block in progress (HEADERS without END_HEADERS, then CONTINUATION).
         self.hdr_sid = 0
@@ -136,10 +137,8 @@ class H2Connection(H2State):
                     break
                 payload = buf[pos + 9:nxt]
                 pos = nxt
-                if self.hdr_sid and ftype != CONTINUATION:
-                    raise H2Error(PROTOCOL_ERROR, "header block interrupted by another frame")
-                if not self.settings_seen and (ftype != SETTINGS or flags & ACK):
-                    raise H2Error(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+                if self.expecting:
+                    self._expected(ftype, flags)
                 if ftype < 10:
                     handlers[ftype](flags, sid & MAX_STREAM_ID, payload)
                 else:
@@ -150,6 +149,13 @@ class H2Connection(H2State):
         except H2Error as exc:
             self.fail(exc)
             raise
+
+    def _expected(self, ftype: int, flags: int) -> None:
+        """While a frame type is due (the first SETTINGS, CONTINUATION), nothing else."""
+        if self.hdr_sid and ftype != CONTINUATION:
+            raise H2Error(PROTOCOL_ERROR, "header block interrupted by another frame")
+        if not self.settings_seen and (ftype != SETTINGS or flags & ACK):
+            raise H2Error(PROTOCOL_ERROR, "the first frame must be SETTINGS")
 
     def _preface(self, buf: bytes) -> int:
         n = min(len(buf), len(PREFACE))
@@ -209,7 +215,7 @@ class H2Connection(H2State):
         if s is None:
             if self._idle(sid):
                 raise H2Error(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            if self.client or self.closed_sids.get(sid):
+            if self.client or sid in self.reset_sids:
                 return
             self.handler.on_control()
             self.reset_sid(sid, STREAM_CLOSED)
@@ -234,6 +240,7 @@ class H2Connection(H2State):
             self._header_block(sid, flags, payload)
             return
         self.hdr_sid, self.hdr_flags = sid, flags
+        self.expecting = True
         self.hdr_parts = [payload]
         self.hdr_size = len(payload)
         self.hdr_frames = 0
@@ -250,6 +257,7 @@ class H2Connection(H2State):
         if flags & END_HEADERS:
             block = b"".join(self.hdr_parts)
             self.hdr_sid, self.hdr_parts = 0, []
+            self.expecting = False
             self._header_block(sid, self.hdr_flags, block)
 
     def _decode(self, block: bytes) -> list[Any] | None:
@@ -296,6 +304,8 @@ class H2Connection(H2State):
         if s is not None:
             self.stream_error(s, PROTOCOL_ERROR, "h2_malformed", reason)
             return
+        if sid > self.highest_remote + 2:
+            self._skip(self.highest_remote + 2, sid - 2)
         self.highest_remote = sid
         self.reset_sid(sid, PROTOCOL_ERROR)
         self.handler.on_stream_error(None, sid, "h2_malformed", reason)
@@ -305,16 +315,16 @@ class H2Connection(H2State):
         step) and dropped if we reset the stream, or as the client; else an error."""
         if sid & 1 != self.remote_parity and self._idle(sid) or self.client and not sid & 1:
             raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}, which was never opened")
-        if not self.client:
-            closed = self.closed_sids.get(sid)
-            if closed is None:
+        if not (self.client or sid in self.reset_sids):
+            if self.skipped(sid):
                 raise H2Error(PROTOCOL_ERROR, f"HEADERS on stream {sid}, a lower id than "
                                               "streams opened before it")
-            if not closed:
-                raise H2Error(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+            raise H2Error(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
         self._decode(block)
 
     def _new_request(self, sid: int, block: bytes, end: bool) -> None:
+        if sid > self.highest_remote + 2:
+            self._skip(self.highest_remote + 2, sid - 2)
         self.highest_remote = sid
         entry = self._decode(block)
         if entry is None:
@@ -343,6 +353,11 @@ class H2Connection(H2State):
         if end:
             s.state = HALF_REMOTE
         self.handler.on_head(s, entry[1], end)
+
+    def _skip(self, lo: int, hi: int) -> None:
+        self.skipped_ids.append((lo, hi))
+        if len(self.skipped_ids) > 16:
+            del self.skipped_ids[0]
 
     def _too_large(self, sid: int) -> None:
         """A request whose header list is over our limit: answered 431 and reset with
@@ -433,6 +448,7 @@ class H2Connection(H2State):
         for off in range(0, len(payload), 6):
             grew = self._setting(*SETTING.unpack_from(payload, off)) or grew
         self.settings_seen = True
+        self.expecting = bool(self.hdr_sid)
         self.out.append(_SETTINGS_ACK)
         self.answers += 1
         self.handler.on_control()

@@ -9,9 +9,10 @@ back), :meth:`ping`, :meth:`goaway`. Sending on a stream that can no longer send
 no-op that returns False, never an exception: the other side of a proxied stream may have
 ended it a moment ago, and that is not an error of this connection.
 
-Stream ids that were closed are remembered for a while (bounded): late frames on a stream
-we reset are ignored, as RFC 9113 §5.1 asks, and a HEADERS frame for a stream that ended
-normally is told apart from one for an id that was never used.
+The ids of streams we reset are remembered for a while (bounded): their late frames are
+ignored, as RFC 9113 §5.1 asks. So are the ids a client skipped, so that a HEADERS frame
+for a stream that ended (STREAM_CLOSED) is told apart from one for an id that was never
+used (PROTOCOL_ERROR).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ AFTER_SENT_END, AFTER_RECV_END = _AFTER[SENT_END], _AFTER[RECV_END]
 CAN_SEND = (False, True, False, True, False)
 CAN_RECV = (False, True, True, False, False)
 
-_CLOSED_MEMORY = 256  # closed stream ids remembered (True: we reset it)
+_RESET_MEMORY = 256  # ids of streams we reset, remembered to ignore their late frames
 
 
 class Handler(Protocol):
@@ -140,7 +141,8 @@ class H2State:
         self.highest_remote = 0
         self.local_open = 0
         self.remote_open = 0
-        self.closed_sids: OrderedDict[int, bool] = OrderedDict()
+        self.reset_sids: OrderedDict[int, None] = OrderedDict()  # we reset them (recent)
+        self.skipped_ids: list[tuple[int, int]] = []  # peer ids never used (recent ranges)
         self.answers = 0  # SETTINGS and PING ACKs queued so far (the caller may reset it)
 
     def start(self) -> None:
@@ -179,22 +181,28 @@ class H2State:
 
     # --- stream bookkeeping -------------------------------------------------------------
     def _drop(self, s: Stream, reset: bool) -> None:
-        """``s`` is closed: forget it, remembering its id for a while."""
+        """``s`` is closed: forget it (remembering its id for a while if we reset it)."""
         s.state = CLOSED
         if self.streams.pop(s.sid, None) is not None:
             if s.sid & 1 == self.remote_parity:
                 self.remote_open -= 1
             else:
                 self.local_open -= 1
-        self._remember(s.sid, reset)
+        if reset:
+            self._remember(s.sid)
 
-    def _remember(self, sid: int, reset: bool) -> None:
+    def _remember(self, sid: int) -> None:
         if self.client:
             return  # the client role ignores late frames whatever their stream
-        memory = self.closed_sids
-        memory[sid] = reset
-        if len(memory) > _CLOSED_MEMORY:
+        memory = self.reset_sids
+        memory[sid] = None
+        if len(memory) > _RESET_MEMORY:
             memory.popitem(last=False)
+
+    def skipped(self, sid: int) -> bool:
+        """Was ``sid`` (a peer's id below its highest) never used? Ids a peer skips when
+        it opens a stream are rare, so they are kept as ranges."""
+        return any(lo <= sid <= hi for lo, hi in self.skipped_ids)
 
     def _recv_end(self, s: Stream) -> None:
         s.state = AFTER_RECV_END[s.state]
@@ -215,7 +223,7 @@ class H2State:
         """RST_STREAM for a stream that has no :class:`Stream` (refused, malformed)."""
         if not self.closed:
             self.out.append(rst_frame(sid, code))
-            self._remember(sid, True)
+            self._remember(sid)
 
     # --- sending ------------------------------------------------------------------------
     def open_stream(self, headers: Headers, end: bool, user: Any = None,
