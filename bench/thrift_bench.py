@@ -22,7 +22,8 @@ and must get "pong". Targets per variant: ``direct``; ``appliance`` (the per-cal
 proxy, original destination = backend); ``opaque`` (appliance with the backend port in
 ``detect.opaque_ports``: bytes relayed, no Thrift parsing), the floor for any proxy in
 Python. Every round runs the targets in turn; the report is the median over rounds, with
-the proxy's CPU time per call from /proc and the ratios against direct.
+the proxy's CPU time per call from /proc and the ratios against direct. A run during which
+other processes used more than 0.1 core is marked noisy (kept, and counted in the table).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ VARIANTS = {
     "buffered-compact": Variant(Transport.BUFFERED, Encoding.COMPACT),
 }
 TARGETS = ("direct", "appliance", "opaque")
+NOISY_CORES = 0.1  # other processes' CPU during a run above this makes it suspect
 
 
 # --- wire samples (written by thriftpy2) -------------------------------------------------
@@ -252,17 +254,29 @@ def run_load(port: int, variant: str, connections: int, duration: float) -> dict
     return dict(json.loads(done.stdout))
 
 
-def measure_once(target: str, port: int, proxy: Service | None, variant: str,
-                 connections: int, duration: float) -> dict[str, Any]:
-    cpu0 = measure.cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+def measure_once(target: str, port: int, proxy: Service | None, backend: Service,
+                 variant: str, connections: int, duration: float) -> dict[str, Any]:
+    """One load run against ``port``; also how much CPU processes other than ours used
+    meanwhile (``other_cores``: the machine's busy time minus the proxy's, the backend's,
+    the load generator's and this script's)."""
+    own = [backend.pid, os.getpid()] + ([proxy.pid] if proxy else [])
+
+    def snapshot() -> tuple[float, float, tuple[float, float]]:
+        return (measure.system_cpu()[0],
+                sum(measure.cpu_seconds(pid) for pid in own) + measure.children_cpu(),
+                measure.cpu_split(proxy.pid) if proxy else (0.0, 0.0))
+
+    busy0, mine0, cpu0 = snapshot()
     result = run_load(port, variant, connections, duration)
-    cpu1 = measure.cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+    busy1, mine1, cpu1 = snapshot()
     calls = max(1, result["calls"])
     result["cps"] = result["calls"] / result["seconds"]
     result["cpu_us"] = ((cpu1[0] + cpu1[1]) - (cpu0[0] + cpu0[1])) / calls * 1e6 \
         if proxy else None
     result["kernel_us"] = (cpu1[1] - cpu0[1]) / calls * 1e6 if proxy else None
     result["rss_mib"] = measure.peak_rss_kib(proxy.pid) / 1024 if proxy else None
+    result["other_cores"] = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / result["seconds"]
+    result["noisy"] = result["other_cores"] > NOISY_CORES
     if result["errors"] or proxy is not None and not proxy.alive():
         result["failed"] = True
     return result
@@ -280,12 +294,13 @@ def report(variant: str, rows: dict[str, list[dict[str, Any]]]) -> list[str]:
         cps = median(rows[target], "cps") or 0.0
         cpu, kernel = median(rows[target], "cpu_us"), median(rows[target], "kernel_us")
         failed = any(r.get("failed") for r in rows[target])
+        noisy = sum(1 for r in rows[target] if r.get("noisy"))
         lines.append(
             f"| {variant} | {target} | {cps:.0f} | {median(rows[target], 'p50_ms'):.2f} | "
             f"{median(rows[target], 'p99_ms'):.2f} | "
             f"{'–' if cpu is None else f'{cpu:.1f}'} | "
             f"{'–' if kernel is None else f'{kernel:.1f}'} | {cps / direct:.2f}"
-            f"{' FAILED' if failed else ''} |")
+            f"{' FAILED' if failed else ''}{f' ({noisy} noisy)' if noisy else ''} |")
     return lines
 
 
@@ -332,10 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                 for rnd in range(args.rounds):
                     for target in TARGETS:
                         row = measure_once(target, ports[target], proxies.get(target),
-                                           variant, args.connections, args.duration)
+                                           proxies["backend"], variant, args.connections,
+                                           args.duration)
                         rows[target].append(row)
                         cpu = "" if row["cpu_us"] is None else f" {row['cpu_us']:.1f} us/call"
-                        bad = " !! errors" if row.get("failed") else ""
+                        bad = (" !! errors" if row.get("failed") else "") + (
+                            f" noisy ({row['other_cores']:.2f} other cores)"
+                            if row["noisy"] else "")
                         print(f"{variant} round {rnd + 1} {target}: {row['cps']:.0f} calls/s"
                               f"{cpu}{bad}", flush=True)
                 table += report(variant, rows)
