@@ -12,6 +12,7 @@ anchors.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ ADDR = "APPLIANCE_IDENTITY_ADDR"
 TRUST_ANCHORS = "APPLIANCE_TRUST_ANCHORS"
 TOKEN_FILE = "APPLIANCE_IDENTITY_TOKEN_FILE"
 VARIABLES = (ADDR, TRUST_ANCHORS, TOKEN_FILE)
+ADDRESSES = "APPLIANCE_IDENTITY_ADDRESSES"
+"""Optional: the workload's IP addresses for the CSR (comma-separated), instead of the
+local address of the connection to the identity service. For hosts behind NAT, and for
+several proxies on one host (tests); the service must run with ``--addresses csr``."""
 
 
 class IdentityConfigError(ValueError):
@@ -64,4 +69,19 @@ def from_environ(environ: Mapping[str, str]) -> IdentitySettings | None:
             "(or none of them to run without identity)")
     host, port = parse_addr(given[ADDR])
     return IdentitySettings(host=host, port=port, trust_anchors=Path(given[TRUST_ANCHORS]),
-                            token_file=Path(given[TOKEN_FILE]))
+                            token_file=Path(given[TOKEN_FILE]),
+                            addresses=parse_addresses(environ.get(ADDRESSES, "")))
+
+
+def parse_addresses(value: str) -> tuple[str, ...] | None:
+    """``APPLIANCE_IDENTITY_ADDRESSES``: comma-separated IP addresses (None when empty)."""
+    items = [a for a in value.replace(" ", ",").split(",") if a]
+    if not items:
+        return None
+    out: list[str] = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_address(item.strip("[]"))))
+        except ValueError:
+            raise IdentityConfigError(f"{ADDRESSES}: {item!r} is not an IP address") from None
+    return tuple(out)

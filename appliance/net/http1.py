@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.net.addr import OrigDst
 from appliance.net.relay import Relay
+from appliance.net.tls import TlsConnectError
 from appliance.protocols.http1 import (
     HttpError,
     RequestHead,
@@ -132,6 +133,7 @@ class Http1Server(asyncio.Protocol):
             self.wants_close = True
 
     wants_close = False
+    authz: Any = None  # inbound: authorization and l5d-client-id (tls_inbound.InboundPeer)
     # While a read is parsed, writes to a freshly attached upstream are collected and sent
     # as one write after the parse (head and body of a small request in one syscall).
     feeding = False
@@ -186,6 +188,8 @@ class Http1Server(asyncio.Protocol):
             self.respond_error(head, 502, "request loop detected (Via names this proxy)",
                                request_done=False, stats=stats)
             return
+        if self.authz is not None and not self.authz.admit_http1(self, head, stats):
+            return  # denied: answered 403 (l5d-client-id is set or stripped otherwise)
         ex = self.ex = Exchange(self, head, stats)
         if d.tracer.on:
             ex.trace()
@@ -518,14 +522,13 @@ class Exchange:
         d = self.d
         dst = self.dst
         try:
-            _, up = await asyncio.wait_for(
-                d.loop.create_connection(lambda: Http1Upstream(d, dst), d.connect_host(dst),
-                                         dst.port),
-                d.connect_timeout,
-            )
+            _, up = await d.connect(lambda: Http1Upstream(d, dst), dst, alpn="http/1.1")
         except TimeoutError:
             self.connect_failed("connect_timeout",
                                 f"upstream unreachable: connect to {dst} timed out")
+            return
+        except TlsConnectError as exc:
+            self.connect_failed(exc.kind, str(exc))
             return
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__

@@ -181,6 +181,7 @@ class Http2Server(asyncio.Protocol):
         self.flush()
 
     last_accepted = 1 << 31  # lowered by shutdown()
+    authz: Any = None  # inbound: authorization and l5d-client-id (tls_inbound.InboundPeer)
 
     # --- the codec's callbacks ----------------------------------------------------------
     def on_head(self, s: Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
@@ -205,6 +206,8 @@ class Http2Server(asyncio.Protocol):
             stream.headers = out = list(out)
             if not self.apply_grpc_timeout(stream, out):
                 return
+        if self.authz is not None and not self.authz.admit_h2(self, stream):
+            return  # denied: 403 or PERMISSION_DENIED (l5d-client-id is set otherwise)
         self.opening.append(stream)
 
     def prepare(self, headers: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:

@@ -25,6 +25,7 @@ from appliance.net.h2stream import (
     to_upstream,
     touch,
 )
+from appliance.net.tls import TlsConnectError
 from appliance.protocols.h2conn import H2Connection, H2Error, Stream
 from appliance.protocols.h2frames import CANCEL, REFUSED_STREAM
 from appliance.protocols.h2send import CLOSED
@@ -271,13 +272,17 @@ class H2Pool:
     async def connect(self, up: Http2Upstream, dst: OrigDst) -> None:
         d = self.d
         try:
-            await asyncio.wait_for(
-                d.loop.create_connection(lambda: up, d.connect_host(dst), dst.port),
-                d.connect_timeout)
+            await d.connect(lambda: up, dst, alpn="h2")
         except TimeoutError:
             self.forget(up)
             d.registry.error(d.name, "connect_timeout")
             up.fail_all(f"upstream unreachable: connect to {dst} timed out")
+            flush_all()
+            return
+        except TlsConnectError as exc:
+            self.forget(up)
+            d.registry.error(d.name, exc.kind)
+            up.fail_all(str(exc))
             flush_all()
             return
         except OSError as exc:

@@ -25,6 +25,8 @@ from appliance.net.http2 import Http2Server
 from appliance.net.http2_upstream import H2Pool
 from appliance.net.relay import Relay
 from appliance.net.thrift import start_thrift
+from appliance.net.tls import Connector
+from appliance.net.tls_inbound import serve_inbound
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
 from appliance.telemetry.accesslog import AccessLog
@@ -93,7 +95,29 @@ class Direction:
             self.router.close()
             self.router = None
 
+    # --- connecting, and mesh TLS (appliance.net.tls) -----------------------------------
+    tls_labels: tuple[tuple[str, str], ...] = ()
+    """While a TLS connection is handed off: its ``tls``/``client_id``/``server_id``
+    labels, which the connection counters made meanwhile carry."""
+    _connector: Connector | None = None
+
+    @property
+    def identity(self) -> Any:
+        """The proxy's IdentityManager; None when identity is off."""
+        return self.registry.identity
+
+    async def connect(self, factory: Any, dst: OrigDst, *, alpn: str | None = None
+                      ) -> tuple[Any, Any]:
+        """Connect to an upstream endpoint within ``connect_timeout``: plaintext, mesh TLS
+        when the endpoint is meshed, or originated TLS when configured. Raises TimeoutError,
+        OSError, or TlsConnectError (an OSError) for a TLS failure."""
+        if self._connector is None:
+            self._connector = Connector(self)
+        return await self._connector.connect(factory, dst, alpn)
+
     def tcp_stats(self, protocol: str, peer: str) -> TcpStats:
+        if self.tls_labels:
+            return self.registry.tcp(self.name, protocol, peer, self.tls_labels)
         key = (protocol, peer)
         stats = self._tcp.get(key)
         if stats is None:
@@ -159,6 +183,8 @@ class Accepted(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
         self.explicit = False  # refused as transparent, but may be an explicit proxy request
+
+    tls_peer: Any = None  # inside terminated TLS: who the client is (tls_inbound.TlsPeer)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -226,10 +252,24 @@ class Accepted(asyncio.Protocol):
         if self.refused is not None or self.dst is None:
             self.refuse(protocol)
             return
+        if d.name == "inbound":
+            serve_inbound(self, protocol, eof)  # mesh TLS and the port's policy, then serve()
+            return
+        self.serve(protocol, eof)
+
+    def serve(self, protocol: Protocol, eof: bool, authz: Any = None) -> None:
+        """Hand the connection to its protocol's driver. ``authz`` (inbound HTTP) checks
+        each request and sets ``l5d-client-id`` (appliance.net.tls_inbound.InboundPeer)."""
+        d = self.d
+        assert self.dst is not None
         if protocol is Protocol.HTTP1:
-            Http1Server(d, self.transport, self.dst).start(self.buf, eof)
+            server = Http1Server(d, self.transport, self.dst)
+            server.authz = authz
+            server.start(self.buf, eof)
         elif protocol is Protocol.HTTP2:
-            Http2Server(d, self.transport, self.dst).start(self.buf, eof)
+            h2server = Http2Server(d, self.transport, self.dst)
+            h2server.authz = authz
+            h2server.start(self.buf, eof)
         elif protocol is Protocol.THRIFT:
             start_thrift(d, self.transport, self.dst, self.buf, eof)
         else:

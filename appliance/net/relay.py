@@ -125,14 +125,10 @@ class Relay:
     async def _open(self) -> None:
         d = self.direction
         try:
-            transport, _ = await asyncio.wait_for(
-                d.loop.create_connection(lambda: self.up, d.connect_host(self.dst),
-                                         self.dst.port),
-                d.connect_timeout,
-            )
+            transport, _ = await d.connect(lambda: self.up, self.dst)
         except (TimeoutError, OSError) as exc:
-            d.registry.error(d.name, "connect_timeout" if isinstance(
-                exc, asyncio.TimeoutError) else "connect_refused")
+            d.registry.error(d.name, getattr(exc, "kind", None) or (  # TlsConnectError.kind
+                "connect_timeout" if isinstance(exc, asyncio.TimeoutError) else "connect_refused"))
             self.close(abort=True)
             return
         if self._closed:

@@ -51,6 +51,7 @@ from appliance.net.thrift_upstream import (
     route_name,
     shared,
 )
+from appliance.net.tls import TlsConnectError
 from appliance.protocols.thrift import (
     CALL,
     EXCEPTION,
@@ -328,12 +329,12 @@ class Call:
     async def connect(self, key: Key) -> None:
         d, dst = self.d, key[0]
         try:
-            _, up = await asyncio.wait_for(
-                d.loop.create_connection(lambda: ThriftUpstream(self.shared, key),
-                                         d.connect_host(dst), dst.port),
-                d.connect_timeout)
+            _, up = await d.connect(lambda: ThriftUpstream(self.shared, key), dst)
         except TimeoutError:
             self.connect_failed("connect_timeout", f"connect to {dst} timed out")
+            return
+        except TlsConnectError as exc:
+            self.connect_failed(exc.kind, str(exc))
             return
         except OSError as exc:
             self.connect_failed("connect_refused",
