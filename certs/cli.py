@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from certs import identity_service, inspection, pki, spiffe, store, tokenreview
+from certs import dnsnames, identity_service, inspection, pki, spiffe, store, tokenreview
 from certs.auth import Authenticator
 from certs.tokens import TokenFile, TokenFileError
 
@@ -91,6 +91,9 @@ def add_identity_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                         "csr: trust them (behind NAT)")
     p.add_argument("--server-name", action="append", default=[], metavar="NAME",
                    help="extra DNS name or IP in the service's certificate (repeatable)")
+    p.add_argument("--allow-dns", action="append", default=[], metavar="NS/SA=PATTERN",
+                   help="let workloads NS/SA get certificates for DNS names matching PATTERN "
+                        "(TLS termination; repeatable; shell patterns)")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="another replica to ask about unknown addresses (repeatable)")
     p.add_argument("--kube-api", metavar="URL",
@@ -183,6 +186,13 @@ def _reviewer(args: argparse.Namespace) -> tokenreview.TokenReviewer | None:
         raise UsageError(f"--kube-api: {exc}") from None
 
 
+def _grants(texts: list[str]) -> tuple[dnsnames.DnsGrant, ...]:
+    try:
+        return tuple(dnsnames.parse_grant(t) for t in texts)
+    except dnsnames.GrantError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def service_from_args(args: argparse.Namespace) -> tuple[identity_service.IdentityService,
                                                          str, int]:
     """Build the service from flags; UsageError or StoreError name what is wrong."""
@@ -192,7 +202,8 @@ def service_from_args(args: argparse.Namespace) -> tuple[identity_service.Identi
         directory=Path(args.dir),
         leaf_lifetime=parse_duration("--leaf-lifetime", args.leaf_lifetime),
         clock_skew=parse_duration("--clock-skew", args.clock_skew, allow_zero=True),
-        server_names=tuple(args.server_name), address_policy=args.addresses, peers=peers)
+        server_names=tuple(args.server_name), address_policy=args.addresses, peers=peers,
+        dns_grants=_grants(args.allow_dns))
     if args.tokens is None and args.kube_api is None:
         raise UsageError("give --tokens FILE, --kube-api URL, or both")
     try:

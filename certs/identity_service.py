@@ -6,6 +6,9 @@ docs/identity.md):
 * ``POST /v1/certify`` ``{"csr": PEM, "token": str}`` -> ``{"identity", "chain", "expiry",
   "addresses"}``. The token is looked up in the tokens file, else (if configured) checked
   with a Kubernetes TokenReview; signing.py decides what may be signed.
+* ``POST /v1/certify-dns`` (same body) -> ``{"names", "chain", "expiry"}``: a server-only
+  certificate for the CSR's DNS names, for proxies that terminate TLS, where an
+  ``--allow-dns`` grant allows it (dnsnames.py). Not recorded as meshed.
 * ``GET /v1/meshed?addr=IP[,IP...]`` -> ``{"addresses": {IP: {"identity", "expiry"} |
   null}}``. Unauthenticated: the answer is public knowledge inside the mesh.
 * ``GET /ready`` and ``GET /live`` for probes.
@@ -37,7 +40,7 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
-from certs import http11, meshed, pki, signing, spiffe, sslctx, store
+from certs import dnsnames, http11, meshed, pki, signing, spiffe, sslctx, store
 from certs.auth import Authenticator, AuthError
 
 log = logging.getLogger("appliance.identity.service")
@@ -57,6 +60,7 @@ class ServiceOptions:
     server_names: tuple[str, ...] = ()
     address_policy: signing.AddressPolicy = "peer"
     peers: tuple[tuple[str, int], ...] = ()
+    dns_grants: tuple[dnsnames.DnsGrant, ...] = ()
     peer_timeout: float = 2.0
     idle_timeout: float = 60.0
     request_timeout: float = 10.0
@@ -218,6 +222,10 @@ class IdentityService:
             if req.method != "POST":
                 return 405, {"error": "use POST for /v1/certify"}
             return await self.certify(req.body, peer)
+        if req.path == "/v1/certify-dns":
+            if req.method != "POST":
+                return 405, {"error": "use POST for /v1/certify-dns"}
+            return await self.certify_dns(req.body, peer)
         if req.path == "/v1/meshed":
             if req.method != "GET":
                 return 405, {"error": "use GET for /v1/meshed"}
@@ -247,6 +255,29 @@ class IdentityService:
                  ",".join(signed.addresses), signed.leaf.not_valid_after_utc.isoformat(),
                  signed.leaf.serial_number)
         return 200, signing.answer(signed, issuer.cert)
+
+    async def certify_dns(self, body: bytes, peer: str) -> tuple[int, dict[str, object]]:
+        """Authenticate and sign a CSR for DNS names (TLS termination), when granted."""
+        try:
+            request = signing.parse_body(body)
+            csr = signing.load_csr(request.csr_pem)
+            subject = await self.auth.authenticate(request.token)
+            self.reload_issuer()
+            issuer = self.issuer
+            leaf = signing.sign_dns(
+                csr, subject, issuer.key, issuer.cert, trust_domain=issuer.trust_domain,
+                grants=self.options.dns_grants, now=pki.utc(self.clock()),
+                lifetime=self.options.leaf_lifetime, backdate=self.options.clock_skew)
+        except (signing.CertifyError, AuthError) as exc:
+            log.warning("refused a DNS certificate request from %s: %s", peer, exc)
+            return exc.status, {"error": str(exc)}
+        names = pki.dns_names(leaf)
+        log.info("certified DNS names %s for %s/%s until %s (serial %x)", ",".join(names),
+                 subject.namespace, subject.account, leaf.not_valid_after_utc.isoformat(),
+                 leaf.serial_number)
+        return 200, {"names": names,
+                     "chain": pki.chain_pem([leaf, issuer.cert]).decode("ascii"),
+                     "expiry": int(leaf.not_valid_after_utc.timestamp())}
 
     async def meshed(self, query: dict[str, list[str]]) -> tuple[int, dict[str, object]]:
         """Look addresses up; ask the peers about the ones we do not know."""

@@ -135,9 +135,11 @@ def make_issuer(key: Key, anchor: x509.Certificate, anchor_key: Key, *, now: dat
 def issue_leaf(public_key: ec.EllipticCurvePublicKey, issuer: x509.Certificate,
                issuer_key: Key, *, now: datetime, lifetime: timedelta = LEAF_LIFETIME,
                backdate: timedelta = timedelta(0), uri: str | None = None,
-               dns: Sequence[str] = (), ips: Sequence[IPAddress] = ()) -> x509.Certificate:
+               dns: Sequence[str] = (), ips: Sequence[IPAddress] = (),
+               client_auth: bool = True) -> x509.Certificate:
     """A leaf for ``public_key``: valid from ``now - backdate`` (clock skew between hosts)
-    for ``lifetime`` from ``now``, never past the issuer's own expiry."""
+    for ``lifetime`` from ``now``, never past the issuer's own expiry. Extended key usage
+    serverAuth, plus clientAuth unless ``client_auth`` is False."""
     sans: list[x509.GeneralName] = []
     if uri is not None:
         sans.append(x509.UniformResourceIdentifier(uri))
@@ -160,7 +162,8 @@ def issue_leaf(public_key: ec.EllipticCurvePublicKey, issuer: x509.Certificate,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth
+            else [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         # an empty subject makes the SAN the only name, so RFC 5280 wants it critical
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(

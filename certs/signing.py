@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -26,7 +27,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certs import pki, spiffe
+from certs import dnsnames, pki, spiffe
 from certs.meshed import normalize_ip
 from certs.tokens import Subject
 
@@ -134,6 +135,32 @@ def sign(csr: x509.CertificateSigningRequest, subject: Subject, issuer: pki.Key,
     except pki.PkiError as exc:
         raise CertifyError(503, f"cannot sign: {exc}") from None
     return Signed(identity, addresses, leaf)
+
+
+def sign_dns(csr: x509.CertificateSigningRequest, subject: Subject, issuer: pki.Key,
+             issuer_cert: x509.Certificate, *, trust_domain: str,
+             grants: Sequence[dnsnames.DnsGrant], now: datetime, lifetime: timedelta,
+             backdate: timedelta) -> x509.Certificate:
+    """A server-only leaf for the DNS names of ``csr`` (``POST /v1/certify-dns``): no
+    identity, no addresses, each name granted to ``subject`` (certs/dnsnames.py)."""
+    if pki.uris(csr) or pki.ip_addresses(csr):
+        raise CertifyError(400, "csr: a DNS certificate names DNS names only (no URI or IP)")
+    try:
+        names = list(dict.fromkeys(dnsnames.check_name(n) for n in pki.dns_names(csr)))
+    except ValueError as exc:
+        raise CertifyError(400, f"csr: {exc}") from None
+    if not 1 <= len(names) <= dnsnames.MAX_NAMES:
+        raise CertifyError(400, f"csr: ask for 1 to {dnsnames.MAX_NAMES} DNS names")
+    why = dnsnames.refused(subject, names, grants, spiffe.service_name(trust_domain))
+    if why is not None:
+        raise CertifyError(403, f"csr: {why}")
+    public = csr.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)  # load_csr checked it
+    try:
+        return pki.issue_leaf(public, issuer_cert, issuer, now=now, lifetime=lifetime,
+                              backdate=backdate, dns=names, client_auth=False)
+    except pki.PkiError as exc:
+        raise CertifyError(503, f"cannot sign: {exc}") from None
 
 
 def answer(signed: Signed, issuer_cert: x509.Certificate) -> dict[str, object]:

@@ -68,16 +68,18 @@ class IdentityClient:
         except http11.ClientError as exc:
             raise IdentityServiceError(f"identity service {exc}") from None
 
-    async def certify(self, csr_for: CsrMaker, token: str) -> dict[str, object]:
+    async def certify(self, csr_for: CsrMaker, token: str,
+                      path: str = "/v1/certify") -> dict[str, object]:
         """Send a CSR (made by ``csr_for(local_address)``) with ``token``; return the JSON
-        answer of a 200, or raise IdentityServiceError."""
+        answer of a 200, or raise IdentityServiceError. ``path`` is ``/v1/certify`` or
+        ``/v1/certify-dns``."""
         conn = await self._open()
         try:
             body = json.dumps({"csr": csr_for(conn.local_address), "token": token}).encode()
-            response = await self._request(conn, "POST", "/v1/certify", body)
+            response = await self._request(conn, "POST", path, body)
         finally:
             conn.close()
-        return self._json(response, "certify")
+        return self._json(response, "certify" if path == "/v1/certify" else "DNS certify")
 
     async def meshed(self, addresses: Sequence[str]) -> dict[str, MeshedPeer | None]:
         """Which of ``addresses`` are meshed, and with which identity."""

@@ -28,6 +28,7 @@ from typing import Any
 
 from appliance.identity import local, settings, tls
 from appliance.identity.client import IdentityClient, IdentityServiceError
+from appliance.identity.dns import DnsCertificate
 from appliance.identity.meshed import MeshedLookup
 from appliance.identity.settings import IdentityConfigError, IdentitySettings
 from appliance.resilience.backoff import JitteredBackoff
@@ -67,7 +68,10 @@ class IdentityManager:
         self.client = IdentityClient(config.host, config.port,
                                      tls.service_context(self.anchors), name, timeout=timeout)
         self.meshed = MeshedLookup(self.client.meshed, clock=clock)
-        self._backoff = JitteredBackoff(backoff_base, backoff_cap, rng or random.Random())
+        self._rng = rng or random.Random()
+        self._backoff = JitteredBackoff(backoff_base, backoff_cap, self._rng)
+        self._backoff_args = (backoff_base, backoff_cap)
+        self._dns: dict[tuple[str, ...], DnsCertificate] = {}
         self._current: Contexts | None = None
         self._callbacks: list[UpdateCallback] = []
         self._held = asyncio.Event()
@@ -140,6 +144,8 @@ class IdentityManager:
                 await task
             except asyncio.CancelledError:
                 pass
+        for cert in list(self._dns.values()):
+            await cert.stop()
         await self.meshed.close()
 
     async def _run(self) -> None:
@@ -170,6 +176,22 @@ class IdentityManager:
         await asyncio.sleep(delay)
 
     # -- one attempt -------------------------------------------------------------------
+
+    def dns_certificate(self, names: tuple[str, ...]) -> DnsCertificate:
+        """The certificate for DNS ``names`` (TLS termination), started on first use; its
+        ``context`` is None until the identity service issued it."""
+        cert = self._dns.get(names)
+        if cert is None:
+            base, cap = self._backoff_args
+            cert = self._dns[names] = DnsCertificate(self, names, clock=self._clock,
+                                                     rng=self._rng, backoff_base=base,
+                                                     backoff_cap=cap)
+            cert.start()
+        return cert
+
+    def read_token(self) -> str:
+        """The token, read from its file now (a rotated token is picked up)."""
+        return self._read_token()
 
     def _read_token(self) -> str:
         path = self.settings.token_file

@@ -5,8 +5,10 @@ first connection; a file that cannot be loaded is logged and its port refuses TL
 certificate for DNS names issued by the mesh issuer through the identity service and
 renewed like the workload's own (:class:`appliance.identity.dns.DnsCertificate`). The
 first connection to such a port may wait for the first certificate, up to the detection
-timeout. Contexts offer ALPN ``h2`` and ``http/1.1`` and TLS 1.2 or 1.3; they ask for no
-client certificate.
+timeout. Contexts offer TLS 1.2 or 1.3 and ask for no client certificate. ALPN: ``http/1.1``,
+and ``h2`` first when the port is in ``inbound.h2_upstream_ports`` (the app speaks HTTP/2):
+requests are forwarded to the app in the protocol the client chose, so offering h2 to
+clients of an HTTP/1-only app would break them.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.tls")
 
 Ready = Callable[[ssl.SSLContext | None, str | None], None]
-ALPN = ["h2", "http/1.1"]
+HTTP1_ONLY = ("http/1.1",)
+H2_FIRST = ("h2", "http/1.1")
 
 
-def file_context(term: Termination) -> ssl.SSLContext:
+def file_context(term: Termination, alpn: tuple[str, ...] = HTTP1_ONLY) -> ssl.SSLContext:
     """A server context presenting the given certificate files."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(ALPN)
+    ctx.set_alpn_protocols(list(alpn))
     assert term.cert_file is not None
     ctx.load_cert_chain(term.cert_file, term.key_file)
     return ctx
@@ -44,7 +47,7 @@ class Terminator:
     def __init__(self, d: Direction, table: dict[int, Termination]) -> None:
         self.d = d
         self.table = table
-        self._files: dict[Termination, ssl.SSLContext | str] = {}
+        self._files: dict[tuple[Termination, tuple[str, ...]], ssl.SSLContext | str] = {}
 
     def covers(self, port: int) -> bool:
         return port in self.table
@@ -53,10 +56,11 @@ class Terminator:
         """Call ``ready(context, None)``, or ``ready(None, reason)`` when there is none; at
         once when known, else when the first issued certificate arrives (or the wait ends)."""
         term = self.table[port]
+        alpn = H2_FIRST if port in self.d.config.inbound.h2_upstream_ports else HTTP1_ONLY
         if term.cert_file is not None:
-            found = self._files.get(term)
+            found = self._files.get((term, alpn))
             if found is None:
-                found = self._files[term] = self._load(term)
+                found = self._files[(term, alpn)] = self._load(term, alpn)
             ready(found, None) if isinstance(found, ssl.SSLContext) else ready(None, found)
             return
         identity = self.d.identity
@@ -65,23 +69,24 @@ class Terminator:
                         "certificate from the mesh issuer, but identity is off")
             return
         cert = identity.dns_certificate(term.names)
-        if cert.context is not None:
-            ready(cert.context, None)
+        ctx = cert.context(alpn)
+        if ctx is not None:
+            ready(ctx, None)
             return
-        self.d.spawn(self._wait(cert, ready))
+        self.d.spawn(self._wait(cert, alpn, ready))
 
-    async def _wait(self, cert: Any, ready: Ready) -> None:
+    async def _wait(self, cert: Any, alpn: tuple[str, ...], ready: Ready) -> None:
         try:
             await asyncio.wait_for(cert.wait(), self.d.config.detect.timeout)
         except TimeoutError:
             pass
-        ctx = cert.context
+        ctx = cert.context(alpn)
         ready(ctx, None if ctx is not None else
               f"no certificate for {','.join(cert.names)} yet ({cert.last_error or 'waiting'})")
 
-    def _load(self, term: Termination) -> ssl.SSLContext | str:
+    def _load(self, term: Termination, alpn: tuple[str, ...]) -> ssl.SSLContext | str:
         try:
-            return file_context(term)
+            return file_context(term, alpn)
         except (OSError, ssl.SSLError, ValueError) as exc:
             reason = (f"cannot load the certificate {term.cert_file}"
                       f"{' and key ' + term.key_file if term.key_file else ''}: "
