@@ -93,7 +93,7 @@ class Registry:
     """Holds every stats object; builds the exposition on scrape."""
 
     def __init__(self) -> None:
-        self._http: dict[tuple[str, str, str, str], HttpStats] = {}
+        self._http: dict[tuple[str, str, str, str, str], HttpStats] = {}
         self._series: dict[str, int] = {}  # label sets per direction
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
         self._authz: dict[tuple[str, tuple[tuple[str, str], ...]], AuthzStats] = {}
@@ -106,19 +106,22 @@ class Registry:
         self.start_time = time.time()
 
     def http(self, direction: str, protocol: str = "http/1", authority: str = "",
-             dst_service: str = "") -> HttpStats:
-        """The counters of one label set (made on first use; a dict lookup after that)."""
-        key = (direction, protocol, authority, dst_service)
+             dst_service: str = "", method: str = "") -> HttpStats:
+        """The counters of one label set (made on first use; a dict lookup after that).
+        ``method`` is an RPC method name (Thrift), not an HTTP method."""
+        key = (direction, protocol, authority, dst_service, method)
         stats = self._http.get(key)
         if stats is None:
-            if self._series.get(direction, 0) >= MAX_SERIES and (authority or dst_service) \
-                    and authority != "overflow":
+            if self._series.get(direction, 0) >= MAX_SERIES \
+                    and (authority or dst_service or method) and authority != "overflow":
                 return self.http(direction, protocol, "overflow", "overflow")
             labels = (("direction", direction), ("protocol", protocol))
             if authority:
                 labels += (("authority", authority),)
             if dst_service:
                 labels += (("dst_service", dst_service),)
+            if method:
+                labels += (("method", method),)
             stats = self._http[key] = HttpStats(labels)
             self._series[direction] = self._series.get(direction, 0) + 1
         return stats
@@ -136,7 +139,7 @@ class Registry:
         for key, stats in list(self._http.items()):
             if stats.requests != stats.seen:
                 stats.seen, stats.seen_at = stats.requests, now
-            elif (key[2] or key[3]) and now - stats.seen_at > SERIES_TTL \
+            elif (key[2] or key[3] or key[4]) and now - stats.seen_at > SERIES_TTL \
                     and stats.requests <= stats.latency_count:
                 del self._http[key]
                 self._series[key[0]] -= 1
