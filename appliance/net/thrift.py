@@ -23,11 +23,11 @@ and failure accrual. Failures the proxy sees itself (no route, connect failure, 
 lost, no reply within ``thrift.response_timeout``) are answered with a
 ``TApplicationException`` (INTERNAL_ERROR) whose message starts with ``appliance:``.
 
-Retries, each drawing on the direction's retry budget and bounded by ``thrift.max_retries``
-and the call's deadline: a call whose upstream could not be reached (nothing was sent) is
-routed again whatever its method; a call sent on a reused pooled connection that closed
-without a byte of answer is sent once more (the server most likely closed the idle
-connection as we reused it, as for HTTP/1); calls of methods in
+Retries, bounded by ``thrift.max_retries`` and the call's deadline, and (once something was
+sent) granted by the direction's retry budget: a call whose upstream could not be reached
+(nothing was sent) is routed again whatever its method; a call sent on a reused pooled
+connection that closed without a byte of answer is sent once more (the server most likely
+closed the idle connection as we reused it, as for HTTP/1); calls of methods in
 ``thrift.idempotent_methods`` are also retried after a lost connection or an EXCEPTION
 reply, on a newly balanced endpoint.
 
@@ -375,7 +375,7 @@ class Call:
         if self.finished:
             return
         self.report(False)
-        if self.may_retry():  # nothing was sent: safe for any method
+        if self.may_retry(sent=False):  # nothing was sent: safe for any method
             self.retry()
             return
         self.fail(502, cause, kind)
@@ -399,14 +399,16 @@ class Call:
         if up is not None:
             up.abort()  # its reply, if it ever comes, answers nobody
 
-    def may_retry(self) -> bool:
+    def may_retry(self, *, sent: bool = True) -> bool:
+        """Another attempt: within max_retries and the deadline, and, if this attempt
+        reached the upstream, granted by the retry budget (withdrawn last)."""
         shared_, server = self.shared, self.server
         if server.closed or self.attempts > shared_.max_retries:
             return False
         timeout = shared_.response_timeout
         if timeout and self.d.loop.time() - self.started >= timeout:
             return False
-        return shared_.budget.try_withdraw()
+        return not sent or shared_.budget.try_withdraw()
 
     def retry(self) -> None:
         self.d.registry.error(self.d.name, "thrift_retry")

@@ -24,7 +24,6 @@ the pool, so no call arms a timer of its own.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -225,23 +224,15 @@ class ThriftShared:
         self.budget = RetryBudget(d.loop.time)
         self.pool = ThriftPool(self)
         self.conns: set[ThriftServer] = set()
-        params = inspect.signature(d.registry.http).parameters
-        self._by_authority = "authority" in params
-        self._by_method = "method" in params
         self._timer: Any = None
 
     # --- metrics ---------------------------------------------------------------------------
     def call_stats(self, authority: str, method: str) -> HttpStats:
         """The counters of one call, fetched per call (the registry may expire idle label
-        sets): labelled with the original destination as ``authority``, as HTTP/1 does
-        without a Host, and with the method once the registry takes a ``method`` label."""
-        registry = self.d.registry
-        if self._by_method:
-            return registry.http(self.d.name, "thrift", authority,  # type: ignore[call-arg]
-                                 method=method[:MAX_LABEL])
-        if self._by_authority:
-            return registry.http(self.d.name, "thrift", authority)
-        return registry.http(self.d.name, "thrift")
+        sets): labelled with the original destination as ``authority`` (as HTTP/1 does
+        without a Host) and with the method."""
+        return self.d.registry.http(self.d.name, "thrift", authority,
+                                    method=method[:MAX_LABEL])
 
     # --- names -----------------------------------------------------------------------------
     def logical_name(self, dst: OrigDst, method: str) -> Path:
