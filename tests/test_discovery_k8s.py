@@ -28,10 +28,8 @@ from hypothesis import strategies as st
 from appliance.discovery.base import NEG, AddrState
 from appliance.discovery.consul import Backoff, DecodeError, Failure
 from appliance.discovery.k8s import (
-    Changed,
     K8sName,
     K8sOptions,
-    LineSplitter,
     SliceWatch,
     decode_slice,
     endpoint_state,
@@ -39,6 +37,7 @@ from appliance.discovery.k8s import (
     parse_name,
     slices_path,
 )
+from appliance.discovery.k8s_listwatch import Changed, LineSplitter
 from appliance.discovery.registry import build_namers
 from appliance.net.namer_k8s import K8sNamer, TokenError, TokenFile
 

@@ -1,46 +1,36 @@
-"""Kubernetes discovery, the pure part: names, options, EndpointSlices, the list+watch loop.
+"""Kubernetes discovery, the pure part: names, options, EndpointSlices.
 
 Theory of operation: a Kubernetes name is ``/#/io.l5d.k8s/<namespace>/<port>/<service>``.
 The source follows the EndpointSlices of the service (label
-``kubernetes.io/service-name=<service>``) the way client-go's informers do:
+``kubernetes.io/service-name=<service>``) with the list+watch loop of
+:mod:`appliance.discovery.k8s_listwatch` (list, watch from the list's resourceVersion,
+resume from the last one, list again on 410 Gone); :class:`SliceWatch` is that loop for
+the slices of one service.
 
-1. **list** ``GET .../namespaces/<ns>/endpointslices?labelSelector=...``: the full set and
-   the collection's ``resourceVersion``;
-2. **watch** the same URL with ``watch=1&resourceVersion=<rv>&allowWatchBookmarks=true``: a
-   stream of JSON lines ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}``;
-   each event moves ``rv`` forward (a BOOKMARK only moves ``rv``);
-3. when the stream ends (the server's ``timeoutSeconds``, a dropped connection), **watch
-   again** from the last ``rv``; nothing is missed and nothing re-listed;
-4. when the server says the ``rv`` is too old (HTTP 410 Gone, or an ERROR event with code
-   410, "Expired"), **list again**. A malformed event also forces a list: after a lost
-   event only a list is known to be right.
-
-:class:`SliceWatch` holds the slices and that loop's state; :func:`endpoint_state` turns the
-slices into the watch state for one port: no slices is ``neg`` (the service does not
-exist, as in linkerd), a port name no slice has is ``neg``, otherwise the ready endpoints
-(``conditions.ready`` not false) are ``bound``, possibly empty. A failure keeps the last
-good set (stale) and retries after a jittered backoff; requests for one service are at
-least ``min_delay`` apart. The net side (``appliance.net.namer_k8s``) does the requests.
+:func:`endpoint_state` turns the slices into the watch state for one port: no slices is
+``neg`` (the service does not exist, as in linkerd), a port name no slice has is ``neg``,
+otherwise the ready endpoints (``conditions.ready`` not false) are ``bound``, possibly
+empty. A failure keeps the last good set (stale) and retries after a jittered backoff;
+requests for one service are at least ``min_delay`` apart. The net side
+(``appliance.net.namer_k8s``) does the requests.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
-from urllib.parse import urlencode
+from typing import Any
 
 from appliance.discovery.base import NEG, Address, AddrState, Name, bound
-from appliance.discovery.consul import Backoff, DecodeError, Failure, OptionReader
+from appliance.discovery.consul import Backoff, DecodeError, OptionReader
+from appliance.discovery.k8s_listwatch import ListWatch, as_list, as_object, collection_path
 
 KIND = "io.l5d.k8s"
 SERVICE_LABEL = "kubernetes.io/service-name"
 TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-MAX_LINE = 16 * 1024 * 1024
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
@@ -99,10 +89,19 @@ class K8sOptions:
     def from_mapping(cls, options: Mapping[str, Any]) -> K8sOptions:
         """Validate a ``namers:`` entry's options; ``ValueError`` names the bad one."""
         o = OptionReader(options, cls.__dataclass_fields__)
+        opts = cls(**cls._read(o))
+        if opts.backoff_max < opts.backoff_base:
+            raise ValueError(f"backoff_max: bad value {opts.backoff_max:g} (expected at least "
+                             f"backoff_base, {opts.backoff_base:g})")
+        return opts
+
+    @classmethod
+    def _read(cls, o: OptionReader) -> dict[str, Any]:
+        """The keyword arguments from the options (a subclass adds its own)."""
         api_url = o.text("api_url", None)
         if api_url is not None and not api_url.startswith(("http://", "https://")):
             raise ValueError(f"api_url: bad value {api_url!r} (expected http:// or https://)")
-        opts = cls(
+        return dict(
             api_url=api_url.rstrip("/") if api_url else None,
             token_file=o.text("token_file", None), ca_file=o.text("ca_file", None),
             watch_timeout=o.number("watch_timeout", cls.watch_timeout, 1, 3600),
@@ -110,10 +109,6 @@ class K8sOptions:
             backoff_base=o.number("backoff_base", cls.backoff_base, 0.001, 60),
             backoff_max=o.number("backoff_max", cls.backoff_max, 0.001, 3600),
             timeout=o.number("timeout", cls.timeout, 0.1, 600))
-        if opts.backoff_max < opts.backoff_base:
-            raise ValueError(f"backoff_max: bad value {opts.backoff_max:g} (expected at least "
-                             f"backoff_base, {opts.backoff_base:g})")
-        return opts
 
 
 def in_cluster_url(env: Mapping[str, str]) -> str:
@@ -131,12 +126,13 @@ def in_cluster_url(env: Mapping[str, str]) -> str:
 def slices_path(namespace: str, service: str, watch_from: str | None = None,
                 timeout: float = 300.0) -> str:
     """The list path, or with ``watch_from`` the watch path from that resourceVersion."""
-    query = [("labelSelector", f"{SERVICE_LABEL}={service}")]
-    if watch_from is not None:
-        query += [("watch", "1"), ("resourceVersion", watch_from),
-                  ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(int(timeout)))]
-    return (f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices?"
-            f"{urlencode(query)}")
+    base, query = _slices_collection(namespace, service)
+    return collection_path(base, query, watch_from, timeout)
+
+
+def _slices_collection(namespace: str, service: str) -> tuple[str, list[tuple[str, str]]]:
+    return (f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+            [("labelSelector", f"{SERVICE_LABEL}={service}")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,23 +152,9 @@ class Slice:
     endpoints: tuple[Endpoint, ...]
 
 
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DecodeError(f"{where}: expected an object, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise DecodeError(f"{where}: expected a list, got {type(value).__name__}")
-    return value
-
-
 def _endpoint(raw: Any, where: str) -> Endpoint:
-    ep = _obj(raw, where)
-    addresses = tuple(str(a) for a in _list(ep.get("addresses"), f"{where}.addresses"))
+    ep = as_object(raw, where)
+    addresses = tuple(str(a) for a in as_list(ep.get("addresses"), f"{where}.addresses"))
     conditions = ep.get("conditions") or {}
     ready = not (isinstance(conditions, dict) and conditions.get("ready") is False)
     meta = {"zone": ep.get("zone"), "node": ep.get("nodeName")}
@@ -185,20 +167,20 @@ def _endpoint(raw: Any, where: str) -> Endpoint:
 
 def decode_slice(raw: Any) -> Slice:
     """One EndpointSlice object; :class:`DecodeError` names the first thing wrong."""
-    obj = _obj(raw, "EndpointSlice")
-    meta = _obj(obj.get("metadata"), "EndpointSlice.metadata")
+    obj = as_object(raw, "EndpointSlice")
+    meta = as_object(obj.get("metadata"), "EndpointSlice.metadata")
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise DecodeError("EndpointSlice.metadata.name: missing")
     labels = meta.get("labels") or {}
     service = str(labels.get(SERVICE_LABEL, "")) if isinstance(labels, dict) else ""
     ports = []
-    for i, p in enumerate(_list(obj.get("ports"), f"{name}.ports")):
-        port = _obj(p, f"{name}.ports[{i}]")
+    for i, p in enumerate(as_list(obj.get("ports"), f"{name}.ports")):
+        port = as_object(p, f"{name}.ports[{i}]")
         if isinstance(port.get("port"), int) and not isinstance(port.get("port"), bool):
             ports.append((str(port.get("name") or ""), int(port["port"])))
     endpoints = tuple(_endpoint(e, f"{name}.endpoints[{i}]")
-                      for i, e in enumerate(_list(obj.get("endpoints"), f"{name}.endpoints")))
+                      for i, e in enumerate(as_list(obj.get("endpoints"), f"{name}.endpoints")))
     return Slice(name, service, str(obj.get("addressType", "")), tuple(ports), endpoints)
 
 
@@ -208,15 +190,17 @@ def _slice_port(s: Slice, port: str | int) -> int | None:
     return next((number for name, number in s.ports if name == port), None)
 
 
-def endpoint_state(slices: Mapping[str, Slice], port: str | int) -> AddrState:
-    """The watch state of one port of a service, from all its slices."""
+def endpoint_state(slices: Mapping[str, Slice], port: str | int,
+                   address_types: tuple[str, ...] = ("IPv4", "IPv6")) -> AddrState:
+    """The watch state of one port of a service, from all its slices (only those of
+    ``address_types``: an IPv4 ClusterIP is served by the IPv4 slices)."""
     if not slices:
         return NEG
     addrs: list[Address] = []
     found = False
     for s in slices.values():
         number = _slice_port(s, port)
-        if number is None or s.address_type not in ("IPv4", "IPv6"):
+        if number is None or s.address_type not in address_types:
             continue
         found = True
         addrs += [Address(a, number, 1.0, ep.meta)
@@ -226,150 +210,29 @@ def endpoint_state(slices: Mapping[str, Slice], port: str | int) -> AddrState:
     return bound(addrs)
 
 
-def _resource_version(obj: dict[str, Any], where: str) -> str:
-    rv = _obj(obj.get("metadata"), f"{where}.metadata").get("resourceVersion")
-    if not isinstance(rv, str) or not rv:
-        raise DecodeError(f"{where}.metadata.resourceVersion: missing")
-    return rv
+class SliceWatch(ListWatch[Slice]):
+    """The list+watch loop of the EndpointSlices of one service, by slice name."""
 
-
-def decode_list(body: bytes) -> tuple[str, dict[str, Slice]]:
-    """An EndpointSliceList: its resourceVersion and its slices by name."""
-    try:
-        obj = _obj(json.loads(body), "EndpointSliceList")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"not JSON: {exc}") from None
-    rv = _resource_version(obj, "EndpointSliceList")
-    slices = [decode_slice(item) for item in _list(obj.get("items"), "items")]
-    return rv, {s.name: s for s in slices}
-
-
-class LineSplitter:
-    """Cuts a watch stream into its JSON lines (at most ``limit`` bytes each)."""
-
-    def __init__(self, limit: int = MAX_LINE) -> None:
-        self.limit = limit
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        *lines, rest = self._buf.split(b"\n")
-        if len(rest) > self.limit:
-            raise DecodeError(f"a watch event longer than {self.limit} bytes")
-        self._buf = bytearray(rest)
-        return [bytes(line) for line in lines if line.strip()]
-
-
-@dataclass(frozen=True, slots=True)
-class Changed:
-    """The set of slices changed: recompute every port's state."""
-
-
-Outcome = Changed | Failure | None
-Phase = Literal["list", "watch"]
-
-
-class SliceWatch:
-    """The list+watch loop of one service: which request next, when, and what answers and
-    events mean. ``phase`` is what the next request is; the stream is read while it stays
-    ``watch`` (an event that forces a list ends the stream)."""
+    kind = "EndpointSlice"
+    resource = "endpointslices"
 
     def __init__(self, namespace: str, service: str, opts: K8sOptions,
                  backoff: Backoff) -> None:
+        super().__init__(opts, backoff)
         self.namespace, self.service = namespace, service
-        self.opts = opts
-        self.backoff = backoff
-        self.phase: Phase = "list"
-        self.rv: str | None = None
-        self.slices: dict[str, Slice] = {}
-        self.failures = 0
-        self.lists = 0
-        self._sent_at = 0.0
-        self._not_before = 0.0
 
     @property
-    def path(self) -> str:
-        rv = self.rv if self.phase == "watch" else None
-        return slices_path(self.namespace, self.service, rv, self.opts.watch_timeout)
+    def slices(self) -> dict[str, Slice]:
+        return self.items
 
-    def delay(self, now: float) -> float:
-        return max(0.0, self._not_before - now)
+    def collection(self) -> tuple[str, list[tuple[str, str]]]:
+        return _slices_collection(self.namespace, self.service)
 
-    def sent(self, now: float) -> None:
-        self._sent_at = now
-        self._not_before = now + self.opts.min_delay
-        if self.phase == "list":
-            self.lists += 1
+    def decode(self, raw: Any) -> Slice:
+        return decode_slice(raw)
 
-    def on_list(self, now: float, status: int, body: bytes) -> Outcome:
-        if status != 200:
-            return self.on_error(now, _status_error("list", status, body))
-        try:
-            self.rv, self.slices = decode_list(body)
-        except DecodeError as exc:
-            return self.on_error(now, f"bad EndpointSliceList: {exc}")
-        self.phase = "watch"
-        self.failures = 0
-        return Changed()
+    def key(self, item: Slice) -> str:
+        return item.name
 
-    def on_watch_status(self, now: float, status: int, body: bytes) -> Outcome:
-        """The watch's response head (and, unless 200, its body)."""
-        if status == 410:
-            self.phase = "list"
-            return None
-        if status != 200:
-            return self.on_error(now, _status_error("watch", status, body))
-        self.failures = 0
-        return Changed()  # the source answers again: a stale set is fresh once more
-
-    def on_event(self, now: float, line: bytes) -> Outcome:
-        try:
-            event = _obj(json.loads(line), "watch event")
-            kind = event.get("type")
-            obj = _obj(event.get("object"), f"{kind} event object")
-            if kind == "ERROR":
-                return self._error_event(now, obj)
-            rv = _resource_version(obj, f"{kind} event object")
-            if kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
-                raise DecodeError(f"unknown watch event type {kind!r}")
-            change = None if kind == "BOOKMARK" else decode_slice(obj)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.phase = "list"
-            return self.on_error(now, f"bad watch event: {exc}")
-        self.rv = rv
-        if change is None or change.service != self.service:
-            return None
-        if kind == "DELETED":
-            return Changed() if self.slices.pop(change.name, None) is not None else None
-        self.slices[change.name] = change
-        return Changed()
-
-    def _error_event(self, now: float, status: dict[str, Any]) -> Outcome:
-        self.phase = "list"
-        if status.get("code") == 410:
-            return None
-        return self.on_error(now, f"watch ERROR event: {status.get('code')} "
-                                  f"{status.get('message', '')}")
-
-    def on_bad_stream(self, now: float, error: str) -> Failure:
-        """The stream cannot be cut into events: list again after a backoff."""
-        self.phase = "list"
-        return self.on_error(now, f"bad watch stream: {error}")
-
-    def on_error(self, now: float, error: str) -> Failure:
-        self.failures += 1
-        self._not_before = now + self.backoff.delay(self.failures)
-        return Failure(error)
-
-
-def _status_error(what: str, status: int, body: bytes) -> str:
-    message = ""
-    try:
-        obj = json.loads(body)
-        if isinstance(obj, dict):
-            message = str(obj.get("message", ""))
-    except (ValueError, UnicodeDecodeError):
-        message = body[:200].decode("utf-8", "replace").strip()
-    hint = {401: " (token rejected)",
-            403: " (RBAC: the service account needs list and watch on endpointslices)"}
-    return f"{what} answered {status}{hint.get(status, '')}: {message}"
+    def wanted(self, item: Slice) -> bool:
+        return item.service == self.service

@@ -2,11 +2,13 @@
 
 One task per watched service (whatever the ports asked for) runs the loop that
 :class:`~appliance.discovery.k8s.SliceWatch` decides: list, then stream the watch line by
-line, and push every change to the watches of that service's ports. Authentication is the
-pod's service account: the bearer token is read from its file before each request, again
-only when the file changed (kubelet rotates projected tokens by swapping a symlink, which
-changes the inode); the API server's certificate is checked against the service account's
-CA. All loop decisions live in the pure module; this one only awaits.
+line, and push every change to the watches of that service's ports. :func:`list_watch`
+runs any :class:`~appliance.discovery.k8s_listwatch.ListWatch` (the ClusterIP namer uses
+it for Services too). Authentication is the pod's service account (:class:`ApiClient`):
+the bearer token is read from its file before each request, again only when the file
+changed (kubelet rotates projected tokens by swapping a symlink, which changes the inode);
+the API server's certificate is checked against the service account's CA. All loop
+decisions live in the pure modules; this one only awaits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from appliance.discovery.base import AddrState, Name, Namer, NamerContext, Watch
@@ -24,15 +26,13 @@ from appliance.discovery.k8s import (
     CA_FILE,
     KIND,
     TOKEN_FILE,
-    Changed,
     K8sOptions,
-    LineSplitter,
-    Outcome,
     SliceWatch,
     endpoint_state,
     in_cluster_url,
     parse_name,
 )
+from appliance.discovery.k8s_listwatch import Changed, LineSplitter, ListWatch, Outcome
 from appliance.discovery.registry import register
 from appliance.net import httpclient
 from appliance.net.namer_consul import cancel_all, tls_context
@@ -71,6 +71,74 @@ class TokenFile:
         return self._token
 
 
+class ApiClient:
+    """Where the API server is and how to talk to it: URL, TLS context, bearer token."""
+
+    def __init__(self, opts: K8sOptions, env: Mapping[str, str] | None = None) -> None:
+        self.url = opts.api_url or in_cluster_url(os.environ if env is None else env)
+        https = self.url.startswith("https://")
+        ca_file = opts.ca_file or (CA_FILE if os.path.exists(CA_FILE) else None)
+        self.ssl = tls_context(ca_file) if https else None
+        token_file = opts.token_file or (TOKEN_FILE if https else None)
+        self.token = TokenFile(token_file) if token_file else None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token.current()}"} if self.token else {}
+
+
+async def list_watch(api: ApiClient, machine: ListWatch[Any], opts: K8sOptions,
+                     clock: Callable[[], float], publish: Callable[[Outcome], None],
+                     what: str) -> None:
+    """Run ``machine``'s loop for ever, passing every outcome to ``publish``; ``what``
+    names the source in the log line of an internal error."""
+    while True:
+        await asyncio.sleep(machine.delay(clock()))
+        try:
+            headers = api.headers()
+            url = api.url + machine.path
+            machine.sent(clock())
+            if machine.phase == "list":
+                response = await httpclient.get(url, headers, ssl=api.ssl,
+                                                timeout=opts.timeout)
+                publish(machine.on_list(clock(), response.status, response.body))
+            else:
+                await _watch(api, machine, opts, clock, publish, url, headers)
+        except (httpclient.HTTPClientError, TokenError) as exc:
+            publish(machine.on_error(clock(), str(exc)))
+        except Exception as exc:  # a bug must not end discovery of this source
+            log.exception("discovery: %s: internal error", what)
+            machine.phase = "list"
+            publish(machine.on_error(clock(), f"internal error: {exc!r}"))
+
+
+async def _watch(api: ApiClient, machine: ListWatch[Any], opts: K8sOptions,
+                 clock: Callable[[], float], publish: Callable[[Outcome], None], url: str,
+                 headers: dict[str, str]) -> None:
+    idle = opts.watch_timeout + opts.timeout
+    async with httpclient.stream(url, headers, ssl=api.ssl, timeout=opts.timeout,
+                                 idle_timeout=idle) as response:
+        body = b""
+        if response.status != 200:
+            async for chunk in response:
+                body += chunk
+                if len(body) > _MAX_ERROR_BODY:
+                    break
+        publish(machine.on_watch_status(clock(), response.status, body))
+        if response.status != 200:
+            return
+        lines = LineSplitter()
+        async for chunk in response:
+            try:
+                events = lines.feed(chunk)
+            except DecodeError as exc:
+                publish(machine.on_bad_stream(clock(), str(exc)))
+                return
+            for line in events:
+                publish(machine.on_event(clock(), line))
+                if machine.phase != "watch":
+                    return
+
+
 class _Source:
     """One service's loop state and the watches of its ports."""
 
@@ -91,12 +159,9 @@ class K8sNamer(Namer):
         self.opts = opts
         self.ctx = ctx
         self.rng = rng or random.Random()
-        self.api_url = opts.api_url or in_cluster_url(os.environ if env is None else env)
-        https = self.api_url.startswith("https://")
-        ca_file = opts.ca_file or (CA_FILE if os.path.exists(CA_FILE) else None)
-        self._ssl = tls_context(ca_file) if https else None
-        token_file = opts.token_file or (TOKEN_FILE if https else None)
-        self.token = TokenFile(token_file) if token_file else None
+        self.api = ApiClient(opts, env)
+        self.api_url = self.api.url
+        self.token = self.api.token
         self._sources: dict[tuple[str, str], _Source] = {}
         self._invalid: dict[Name, Watch] = {}
         self._tasks: list[Any] = []
@@ -132,57 +197,11 @@ class K8sNamer(Namer):
     def close(self) -> None:
         cancel_all(self._tasks)
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token.current()}"} if self.token else {}
-
     async def _run(self, source: _Source) -> None:
-        machine, clock = source.machine, self.ctx.clock
-        while True:
-            await asyncio.sleep(machine.delay(clock()))
-            try:
-                headers = self._headers()
-                url = self.api_url + machine.path
-                machine.sent(clock())
-                if machine.phase == "list":
-                    response = await httpclient.get(url, headers, ssl=self._ssl,
-                                                    timeout=self.opts.timeout)
-                    self._publish(source, machine.on_list(clock(), response.status,
-                                                          response.body))
-                else:
-                    await self._watch(source, url, headers)
-            except (httpclient.HTTPClientError, TokenError) as exc:
-                self._publish(source, machine.on_error(clock(), str(exc)))
-            except Exception as exc:  # a bug must not end discovery of this service
-                log.exception("discovery: %s %s/%s: internal error", KIND,
-                              machine.namespace, machine.service)
-                machine.phase = "list"
-                self._publish(source, machine.on_error(clock(), f"internal error: {exc!r}"))
-
-    async def _watch(self, source: _Source, url: str, headers: dict[str, str]) -> None:
-        machine, clock = source.machine, self.ctx.clock
-        idle = self.opts.watch_timeout + self.opts.timeout
-        async with httpclient.stream(url, headers, ssl=self._ssl, timeout=self.opts.timeout,
-                                     idle_timeout=idle) as response:
-            body = b""
-            if response.status != 200:
-                async for chunk in response:
-                    body += chunk
-                    if len(body) > _MAX_ERROR_BODY:
-                        break
-            self._publish(source, machine.on_watch_status(clock(), response.status, body))
-            if response.status != 200:
-                return
-            lines = LineSplitter()
-            async for chunk in response:
-                try:
-                    events = lines.feed(chunk)
-                except DecodeError as exc:
-                    self._publish(source, machine.on_bad_stream(clock(), str(exc)))
-                    return
-                for line in events:
-                    self._publish(source, machine.on_event(clock(), line))
-                    if machine.phase != "watch":
-                        return
+        machine = source.machine
+        await list_watch(self.api, machine, self.opts, self.ctx.clock,
+                         lambda outcome: self._publish(source, outcome),
+                         f"{KIND} {machine.namespace}/{machine.service}")
 
     def _publish(self, source: _Source, outcome: Outcome) -> None:
         if isinstance(outcome, Changed):
