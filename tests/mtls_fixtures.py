@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from support import ROOT, ProxyProcess, free_port, wait_for
 
+from appliance.identity import tls as mesh_tls
 from certs import pki, store
 
 DOMAIN = "example.org"
@@ -136,3 +139,34 @@ def running(*things: object) -> Iterator[None]:
             stop = getattr(thing, "stop", None) or getattr(thing, "close", None)
             if stop is not None:
                 stop()
+
+
+class MemPki:
+    """A trust anchor and issuer in memory, and mesh SSL contexts for any identity, with
+    lifetimes shifted into the past or future (expired, not yet valid)."""
+
+    def __init__(self, domain: str = DOMAIN) -> None:
+        now = pki.utc(time.time() - 3600)
+        self.anchor_key, self.issuer_key = pki.new_key(), pki.new_key()
+        self.anchor = pki.make_anchor(domain, self.anchor_key, now=now)
+        self.issuer = pki.make_issuer(self.issuer_key, self.anchor, self.anchor_key, now=now)
+        self.anchors = [self.anchor]
+
+    def leaf(self, identity: str | None, *, start: float = -60.0, lifetime: float = 3600.0,
+             dns: tuple[str, ...] = ()) -> tuple[list[object], pki.Key]:
+        """A chain (leaf, issuer) and key; ``start`` seconds from now, valid ``lifetime``."""
+        key = pki.new_key()
+        leaf = pki.issue_leaf(key.public_key(), self.issuer, self.issuer_key,
+                              now=pki.utc(time.time() + start),
+                              lifetime=timedelta(seconds=lifetime), uri=identity, dns=dns)
+        return [leaf, self.issuer], key
+
+    def server_context(self, identity: str, **leaf: float) -> ssl.SSLContext:
+        chain, key = self.leaf(identity, **leaf)
+        return mesh_tls.server_context(chain, key, self.anchors)  # type: ignore[arg-type]
+
+    def client_context(self, identity: str, *, trust: MemPki | None = None,
+                       **leaf: float) -> ssl.SSLContext:
+        chain, key = self.leaf(identity, **leaf)
+        anchors = (trust or self).anchors
+        return mesh_tls.client_context(chain, key, anchors)  # type: ignore[arg-type]
