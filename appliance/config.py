@@ -215,6 +215,87 @@ class BalancerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """The request policy of a service (docs/reliability.md): these are the defaults, and
+    ``services`` overrides any of them per logical-name prefix."""
+
+    classifier: str = "io.l5d.http.nonRetryable5XX"
+    """Response classifier of HTTP requests (linkerd's names): ``io.l5d.http.nonRetryable5XX``
+    (5xx is a failure, never retried), ``io.l5d.http.retryableRead5XX`` (retries GET, HEAD,
+    OPTIONS, TRACE), ``io.l5d.http.retryableIdempotent5XX`` (adds PUT, DELETE),
+    ``io.l5d.http.allSuccessful``; the ``io.l5d.h2.`` spellings are accepted too."""
+    grpc_classifier: str = "io.l5d.h2.grpc.default"
+    """Response classifier of gRPC requests: ``io.l5d.h2.grpc.default`` or
+    ``io.l5d.h2.grpc.retryableStatusCodes`` (retry the ``retryable_grpc_codes``),
+    ``io.l5d.h2.grpc.alwaysRetryable``, ``io.l5d.h2.grpc.neverRetryable``,
+    ``io.l5d.h2.grpc.compliant``."""
+    retryable_grpc_codes: str = "UNAVAILABLE"
+    """gRPC status codes (names or numbers, comma-separated) that the ``default`` and
+    ``retryableStatusCodes`` gRPC classifiers retry."""
+    timeout: float = 0.0
+    """Request timeout in seconds, retries included: without a response head by then the
+    client gets 504. 0: none (``http.response_timeout`` still bounds each attempt)."""
+    attempt_timeout: float = 0.0
+    """Timeout of each attempt (a per-try timeout): a timed-out attempt is retried when the
+    classifier allows it, as a connection lost after sending. 0: none."""
+    max_retries: int = 2
+    """Most retries of one request, connection failures included; each retry after a
+    request was sent also needs the retry budget. 0: no retries."""
+    retry_budget_percent: float = 0.2
+    """Retry budget: retries may add this fraction of the requests sent in the last
+    ``retry_budget_ttl`` seconds (0 to 1000), ..."""
+    retry_budget_min_per_sec: float = 10.0
+    """... plus this many retries per second of ``retry_budget_ttl``."""
+    retry_budget_ttl: float = 10.0
+    """The retry budget's window in seconds."""
+    retry_backoff_base: float = 0.01
+    """First delay before a retry (seconds; jittered, doubling per retry of a request)."""
+    retry_backoff_cap: float = 0.25
+    """Longest delay before a retry."""
+    retry_buffer_bytes: int = 65536
+    """Largest request body kept for replay; a request with a larger body is never retried
+    once sent."""
+
+    def __post_init__(self) -> None:
+        from appliance.resilience.policy import check_service
+
+        try:
+            check_service(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceOverride:
+    """One entry of ``services``: the fields it sets for logical names under ``prefix``."""
+
+    prefix: str
+    """A path such as ``/svc/web``; a ``*`` segment matches any one segment."""
+    fields: Mapping[str, Any]
+    """ServiceConfig field -> value (already converted and checked)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Load shedding, per listener (outbound and inbound each have these limits)."""
+
+    max_connections: int = 10000
+    """Client connections open at once; one accepted past this is closed at once.
+    0: no limit."""
+    max_requests: int = 100000
+    """HTTP requests in flight at once (HTTP/1 exchanges and HTTP/2 streams); past this a
+    request waits in the queue. 0: no limit."""
+    max_queue: int = 10000
+    """Requests that may wait for an in-flight slot; one more gets 503 at once (gRPC:
+    UNAVAILABLE). 0: no queue."""
+    queue_timeout: float = 3.0
+    """Seconds a request may wait in the queue before it gets 503."""
+    max_endpoint_requests: int = 0
+    """Requests in flight to one endpoint at once; past this a routed request goes to
+    another endpoint, else gets 503 at once. 0: no limit."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TracingConfig:
     """The same settings as the standard OpenTelemetry variables, for the config file; an
     ``OTEL_*`` variable that is set wins over the field. Tracing is on when an endpoint is
@@ -255,6 +336,12 @@ class Config:
     h2: H2Config = field(default_factory=H2Config)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    services: tuple[ServiceOverride, ...] = ()
+    """Per-service overrides of ``service``, by logical-name prefix: a list of mappings with
+    ``prefix`` and any ``service`` fields, e.g. ``[{prefix: /svc/web, timeout: 2s,
+    classifier: io.l5d.http.retryableRead5XX}]``; the longest matching prefix wins."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     namers: tuple[Mapping[str, Any], ...] = ()
     """Service-discovery sources, each a mapping with ``kind`` (``static``, ``io.l5d.fs``,
@@ -281,6 +368,10 @@ _DURATION_FIELDS = {"connect_timeout", "timeout", "header_timeout", "response_ti
                     "keepalive_timeout", "decay", "default_rtt", "bind_timeout",
                     "shutdown_grace"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_DURATION_FIELDS |= {"attempt_timeout", "retry_budget_ttl", "retry_backoff_base",
+                     "retry_backoff_cap", "queue_timeout"}
+_ZERO_OK = {"max_retries", "retry_buffer_bytes", "max_connections", "max_requests",
+            "max_queue", "max_endpoint_requests"}  # integers where 0 means "none"
 _CHOICES = {
     "fallback": ("orig_dst", "fail"),
     "kind": ("p2c_peak_ewma", "p2c_least_loaded", "round_robin"),
@@ -403,10 +494,16 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
         return _check_dtab(name, str(value))
     if leaf == "identifier":
         return _check_identifier(name, str(value))
+    if leaf == "services":
+        return parse_services(name, value)
+    if leaf in ("classifier", "grpc_classifier", "retryable_grpc_codes"):
+        return _check_service_field(name, leaf, str(value).strip())
+    if hint is float:
+        return _parse_float(name, value)
     if hint is bool:
         return parse_bool(name, value)
     if hint is int:
-        return _parse_int(name, value, 1)
+        return _parse_int(name, value, 0 if leaf in _ZERO_OK else 1)
     if _is_hostport(hint):
         return parse_hostport(name, value)
     if hint is str:
@@ -431,6 +528,69 @@ def parse_namers(name: str, value: Any) -> tuple[Mapping[str, Any], ...]:
     namers = tuple(dict(item) for item in value)
     _check_namers(name, namers)
     return namers
+
+
+def _parse_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not a number")
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a number") from None
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"{name}: {value!r} must be a finite number >= 0")
+    return number
+
+
+def _check_service_field(name: str, leaf: str, text: str) -> str:
+    from appliance.resilience.policy import check_field
+
+    try:
+        check_field(leaf, text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return text
+
+
+def parse_services(name: str, value: Any) -> tuple[ServiceOverride, ...]:
+    """The ``services`` list: each item a mapping with ``prefix`` and ``service`` fields;
+    from YAML, or from YAML/JSON text (an environment variable)."""
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value) if value.strip() else []
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: not valid YAML/JSON ({exc})") from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{name}: expected a list of {{prefix: ..., <service fields>}}, "
+                          f"got {value!r}")
+    return tuple(_parse_override(f"{name}[{i}]", item) for i, item in enumerate(value))
+
+
+def _parse_override(name: str, item: Any) -> ServiceOverride:
+    from appliance.resilience.policy import check_prefix
+
+    if not isinstance(item, Mapping) or not isinstance(item.get("prefix"), str):
+        raise ConfigError(f"{name}: expected a mapping with a 'prefix' path, got {item!r}")
+    try:
+        prefix = check_prefix(item["prefix"])
+    except ValueError as exc:
+        raise ConfigError(f"{name}.prefix: {exc}") from None
+    hints = typing.get_type_hints(ServiceConfig)
+    fields: dict[str, Any] = {}
+    for key, raw in item.items():
+        if key == "prefix":
+            continue
+        if key not in hints:
+            raise ConfigError(f"{name}.{key}: unknown field (allowed here: prefix, "
+                              + ", ".join(sorted(hints)) + ")")
+        fields[key] = _convert(f"{name}.{key}", key, hints[key], raw)
+    try:
+        dataclasses.replace(ServiceConfig(), **fields)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}.{str(exc).removeprefix('service.')}") from None
+    return ServiceOverride(prefix=prefix, fields=types.MappingProxyType(fields))
 
 
 def _check_namers(name: str, namers: tuple[Mapping[str, Any], ...]) -> None:

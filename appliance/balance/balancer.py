@@ -22,6 +22,16 @@ P2C ("power of two choices") draws two distinct endpoints and keeps the one with
 cost divided by weight. With unequal weights the first draw is proportional to weight and
 the second is another endpoint drawn the same way; ties go to the first draw, so when costs
 tie (no load) traffic still follows the weights. Equal weights take a fast uniform path.
+
+Failures weigh on latency: a request that ``finish()`` reports as failed is observed as
+taking at least ``failure_penalty`` (2) times the endpoint's current average (at most 1 s,
+:data:`PENALTY_CAP`, unless it took longer). Without this,
+an endpoint that fails fast (503 at once, connection refused) looks like the fastest and
+draws more traffic the more it fails; with it, each failure doubles its estimate, so a
+replica failing half its requests soon gets a small share, and comes back as its estimate
+decays. An endpoint that comes back from an ejection starts a fresh latency history.
+``pick_other(avoid)`` is ``pick()`` for a retry: it never returns the endpoint that just
+failed while another is alive.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from collections.abc import Callable, Hashable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from appliance.balance.accrual import ALIVE, EJECTED, Accrual, ConsecutiveFailures
+from appliance.balance.accrual import ALIVE, EJECTED, PROBING, Accrual, ConsecutiveFailures
 from appliance.balance.ewma import PeakEwma
 from appliance.resilience.backoff import JitteredBackoff
 
@@ -43,6 +53,9 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+PENALTY_CAP = 1.0
+"""Seconds: a failure's penalty never raises an endpoint's latency estimate beyond this
+(its own measured time aside), so a burst of failures is forgotten within a minute."""
 _NO_META: Mapping[str, Any] = MappingProxyType({})
 _INF = math.inf
 
@@ -88,12 +101,18 @@ class Balancer:
 
     kind = ""
 
-    __slots__ = ("_clock", "_rng", "_new_accrual", "_decay", "_default_rtt", "_eps", "_live",
+    __slots__ = ("_clock", "_rng", "_new_accrual", "_decay", "_default_rtt", "_penalty",
+                 "_eps", "_live",
                  "_out", "_next_due", "_cum", "_uniform")
 
     def __init__(self, clock: Clock, rng: random.Random, *,
                  accrual: Callable[[], Accrual] | None = None, decay: float = 10.0,
-                 default_rtt: float = 0.030) -> None:
+                 default_rtt: float = 0.030, failure_penalty: float = 2.0) -> None:
+        if isinstance(failure_penalty, bool) or not isinstance(failure_penalty, int | float) \
+                or not 0 <= failure_penalty < math.inf:
+            raise ValueError("balancer failure_penalty must be a finite factor >= 0, got "
+                             f"{failure_penalty!r}")
+        self._penalty = float(failure_penalty)
         PeakEwma(clock, decay, default_rtt)  # validate once, here
         self._clock = clock
         self._rng = rng
@@ -151,6 +170,21 @@ class Balancer:
             return live[0]
         return self._choose(live)
 
+    def pick_other(self, avoid: EndpointState | None) -> EndpointState | None:
+        """``pick()`` for a retry: not ``avoid`` (the endpoint that just failed) while
+        another is alive; then P2C over peak-EWMA among the others."""
+        ep = self.pick()
+        if ep is not avoid or ep is None:
+            return ep
+        others = [e for e in self._live if e is not avoid]
+        if len(others) <= 1:
+            return others[0] if others else ep
+        a, b = self._rng.sample(others, 2)
+        now = self._clock()
+        if a.ewma.cost(a.pending, now) / a.weight <= b.ewma.cost(b.pending, now) / b.weight:
+            return a
+        return b
+
     def start(self, ep: EndpointState) -> float:
         """A request to ``ep`` begins; returns its start time for ``finish()``."""
         ep.pending += 1
@@ -162,12 +196,32 @@ class Balancer:
         if ep.pending > 0:
             ep.pending -= 1
         rtt = now - started
-        ep.ewma.observe(rtt if rtt > 0.0 else 0.0, now)
+        if rtt < 0.0:
+            rtt = 0.0
+        if not ok and self._penalty:
+            floor = ep.ewma.average * self._penalty
+            if rtt < floor:
+                rtt = floor if floor < PENALTY_CAP else max(rtt, PENALTY_CAP)
+        ep.ewma.observe(rtt, now)
         acc = ep.accrual
         before = acc.state
         acc.record(ok, started, now)
         if acc.state is not before and not ep.removed:
+            if acc.state is ALIVE:  # back from an ejection: its latency history starts anew
+                ep.ewma = PeakEwma(self._clock, self._decay, self._default_rtt)
+                ep.ewma.observe(now - started if now > started else 0.0, now)
             self._moved(ep, before)
+
+    def abandon(self, ep: EndpointState, started: float) -> None:
+        """A request begun with ``start()`` was never sent: undo ``start()``. Nothing is
+        observed; a probe handed out for it is due again at once."""
+        if ep.pending > 0:
+            ep.pending -= 1
+        acc = ep.accrual
+        if acc.state is PROBING and started >= acc.probe_since and not ep.removed:
+            acc.state = EJECTED
+            acc.until = started
+            self._next_due = self._earliest_due()
 
     # Policy.
 
@@ -307,7 +361,7 @@ KINDS: dict[str, type[Balancer]] = {
     "round_robin": RoundRobin,
 }
 _ALIASES = {"ewma": "p2c_peak_ewma", "p2c": "p2c_least_loaded"}
-_OPTS = ("accrual", "decay", "default_rtt")
+_OPTS = ("accrual", "decay", "default_rtt", "failure_penalty")
 
 
 def make_balancer(kind: str, clock: Clock, rng: random.Random, **opts: Any) -> Balancer:

@@ -17,16 +17,29 @@ as long as no response byte has reached the client; after that the client connec
 aborted, so a truncated response is never mistaken for a complete one. A request that fails
 on a reused pooled connection before any response byte, and has no body, is sent once more
 on a fresh connection (the server may have closed the idle connection as we reused it).
+
+Reliability (docs/reliability.md): a request takes an in-flight slot of the direction's
+limiter, or waits in its bounded queue, or is shed with 503 (:meth:`Exchange.wait_for_slot`).
+Before the first attempt :meth:`Exchange.arm` resolves the request's policy (by its logical
+name), its deadline (route timeout, ``l5d-ctx-deadline``; already past: 504 without calling
+upstream) and, outbound, its retry state and budget. One timer per request that has a
+deadline or an attempt timeout. A failed attempt (not sent, connection lost, a response the
+classifier calls retryable, attempt timeout) goes through :meth:`Exchange.retry_after`:
+while no response byte reached the client it may be sent again after a backoff, on an
+endpoint picked again, with the body replayed from :class:`~appliance.resilience.policy.
+Attempts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from appliance.net.addr import OrigDst
 from appliance.net.relay import Relay
+from appliance.net.route import request_deadline, stamp_deadline
 from appliance.net.tls import TlsConnectError
 from appliance.protocols.http1 import (
     HttpError,
@@ -40,9 +53,14 @@ from appliance.protocols.http1 import (
     serialize_request,
 )
 from appliance.protocols.http1_response import ResponseHead, ResponseParser, rewrite_head
+from appliance.resilience.classify import ResponseClass
+from appliance.resilience.policy import NOT_RETRYABLE, Attempts
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
+    from appliance.resilience.budget import RetryBudget
+    from appliance.resilience.deadline import Deadline
+    from appliance.resilience.policy import Policy
     from appliance.routing.router import Pending, Router, Target
     from appliance.telemetry.metrics import HttpStats
 
@@ -193,7 +211,11 @@ class Http1Server(asyncio.Protocol):
         ex = self.ex = Exchange(self, head, stats)
         if d.tracer.on:
             ex.trace()
-        ex.start()
+        if d.limiter.acquire():
+            ex.slot = True
+            ex.start()
+        else:
+            ex.wait_for_slot()
 
     # --- responses the proxy makes itself ----------------------------------------------
     def refuse(self, status: int, reason: str, kind: str = "") -> None:
@@ -344,6 +366,8 @@ class Exchange:
         "response_started", "response_head", "close_delimited",
         "keep_client", "waiting_since", "reused", "retried", "body_sent", "tunnel_early",
         "finished", "interim", "dst", "target", "span", "stats",
+        "policy", "attempts", "deadline", "timer", "budget", "slot", "queued", "ep", "told",
+        "retries", "connecting", "dropping",
     )
 
     def __init__(self, server: Http1Server, head: RequestHead, stats: HttpStats) -> None:
@@ -370,6 +394,18 @@ class Exchange:
         self.dst = server.dst  # the endpoint, once routed
         self.target: Target | None = None  # the router's pick, when routing is on
         self.span: Any = None  # the trace span (appliance.telemetry.tracing), when sampled
+        self.policy: Policy | None = None  # set by arm() before the first attempt
+        self.attempts: Attempts | None = None  # the retry state, when retries are possible
+        self.deadline: Deadline | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the deadline or attempt timeout
+        self.budget: RetryBudget | None = None
+        self.slot = False  # holds an in-flight slot of d.limiter
+        self.queued = False  # waits in d.limiter's queue for one
+        self.ep: OrigDst | None = None  # the endpoint this attempt is counted against
+        self.told = False  # an interim (1xx) response reached the client
+        self.retries = 0
+        self.connecting = False
+        self.dropping = False  # the parser may still hand us parts of a dropped response
 
     def trace(self) -> None:
         """Start this request's span and put its context in the headers sent on."""
@@ -390,7 +426,7 @@ class Exchange:
         span, self.span = self.span, None
         if span is not None:
             span.end(status, error=error, peer=self.dst if self.d.name == "outbound" else None,
-                     retries=1 if self.retried else 0)
+                     retries=self.retries)
         log = self.d.access_log
         if log is not None:
             head, labels = self.head, dict(self.stats.labels)
@@ -400,7 +436,7 @@ class Exchange:
                       status=status, duration_ms=round(
                           (self.d.loop.time() - self.started) * 1000, 3),
                       upstream=str(self.dst), dst_service=labels.get("dst_service"),
-                      error=error, retries=1 if self.retried else 0,
+                      error=error, retries=self.retries,
                       trace_id=f"{span.trace_id:032x}" if span is not None else None)
 
     # --- request side ------------------------------------------------------------------
@@ -508,15 +544,65 @@ class Exchange:
             self.server.pause(_CONNECTING)
             self.d.spawn(self.connect())  # a tunnel of ours: a fresh connection, no request
             return
+        if not self.arm():
+            return
         tunnel = head.method == b"CONNECT" or head.upgrade is not None
-        self.pending = [serialize_request(head, self.d.via, upgrade=tunnel)]
-        up = self.d.pool.take(self.dst)
+        # Body parts that came while the request waited (queue, discovery) follow the head.
+        self.pending.insert(0, serialize_request(head, self.d.via, upgrade=tunnel))
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Send one attempt: on a pooled connection to the endpoint, or a new one."""
+        policy = self.policy
+        if self.deadline is not None or (policy is not None and policy.attempt_timeout):
+            self.arm_timer()
+        d = self.d
+        if d.ep_limits.max_per_endpoint and not self.count_endpoint():
+            return
+        up = d.pool.take(self.dst)
         if up is not None:
             self.reused = True
             self.attach(up)
         else:
             self.server.pause(_CONNECTING)
-            self.d.spawn(self.connect())
+            self.connecting = True
+            d.spawn(self.connect())
+
+    def arm(self) -> bool:
+        """Before the first attempt: the request's policy, deadline and retry state. False
+        (answered 504, upstream never called) when its deadline has already passed."""
+        d, target = self.d, self.target
+        policy = self.policy = d.policies.for_path(target.path if target is not None else None)
+        deadline = request_deadline(self.head.headers, policy.timeout, d.loop.time)
+        if deadline is not None:
+            if deadline.expired():
+                if target is not None:
+                    target.abandon()  # never sent: not the endpoint's failure
+                d.registry.error(d.name, "deadline_exceeded")
+                self.fail(504, f"deadline exceeded before the request was sent "
+                               f"({deadline.source})", "timeout")
+                return False
+            self.deadline = deadline
+            stamp_deadline(self.head.headers, deadline)
+        if d.name == "outbound" and policy.max_retries:
+            self.attempts = Attempts(policy, d.rng)
+            service = target.service if target is not None else None
+            budget = self.budget = (service.budget(policy) if service is not None
+                                    else d.policies.dst_budget(self.dst, policy))
+            budget.deposit()
+        return True
+
+    def arm_timer(self) -> None:
+        """Wake up at the deadline or the attempt timeout, whichever comes first."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        at = self.deadline.at if self.deadline is not None else math.inf
+        per_try = self.policy.attempt_timeout if self.policy is not None else None
+        if per_try:
+            at = min(at, self.d.loop.time() + per_try)
+        if at != math.inf:
+            self.timer = self.d.loop.call_at(at, self.timed_out)
 
     async def connect(self) -> None:
         d = self.d
@@ -546,6 +632,8 @@ class Exchange:
     def open_tunnel(self, up: Http1Upstream) -> None:
         """CONNECT to us as an explicit proxy: the connection is up, say so and relay."""
         self.finished = True
+        self.connecting = False
+        self.free_slot()
         self.stats.response(200, self.d.loop.time() - self.started)
         if self.target is not None:
             self.target.done(True)
@@ -560,11 +648,15 @@ class Exchange:
 
     def connect_failed(self, kind: str, cause: str) -> None:
         self.d.registry.error(self.d.name, kind)
+        self.connecting = False
         if not self.finished:
             self.server.resume(_CONNECTING)
+            if self.retry_after("unsent", ResponseClass.RETRYABLE_FAILURE):
+                return
             self.fail(502, cause, kind)
 
     def attach(self, up: Http1Upstream) -> None:
+        self.connecting = False
         self.up = up
         up.ex = self
         parser = up.parser
@@ -582,8 +674,11 @@ class Exchange:
             self.body_sent = True
 
     def request_body(self, data: bytes) -> None:
+        size = len(data)
         if self.head.chunked:
             data = chunk(data)
+        if self.attempts is not None:
+            self.attempts.keep(data, size)  # for a replay
         up = self.up
         if up is not None:
             self.body_sent = True
@@ -597,6 +692,8 @@ class Exchange:
     def request_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.head.chunked:
             end = last_chunk(trailers)
+            if self.attempts is not None:
+                self.attempts.keep(end, 0)
             if self.up is not None:
                 self.up.write(end)
             else:
@@ -612,9 +709,18 @@ class Exchange:
         if status < 200 and status != 101:
             self.interim = True
             if self.head.version == b"1.1":
+                self.told = True
                 server.write(rewrite_head(rh, self.d.via, connection=None))
             return
         self.interim = False
+        if status >= 500 and self.attempts is not None and self.policy is not None:
+            verdict = self.policy.classifier.classify(self.head.method, status)
+            if verdict.retryable and self.retry_after("response", verdict):
+                self.dropping = True  # the rest of it is dropped with its connection
+                return
+        if self.timer is not None:
+            self.timer.cancel()  # the deadline covers the wait for the response head
+            self.timer = None
         self.waiting_since = 0.0
         self.response_head = rh
         self.response_started = True
@@ -646,9 +752,12 @@ class Exchange:
         return rh.status == 101 and self.head.upgrade is not None
 
     def on_body(self, data: bytes) -> None:
-        self.server.write(data)
+        if not self.dropping:  # else: the rest of a response dropped for a retry
+            self.server.write(data)
 
     def on_end(self) -> None:
+        if self.dropping:
+            return  # the end of a response dropped for a retry
         if self.interim:
             self.interim = False
             return
@@ -657,9 +766,10 @@ class Exchange:
         if (rh.status == 101 or self.head.method == b"CONNECT") and self.tunnel_opens(rh):
             return  # the tunnel takes over in upgraded()
         self.finished = True
+        self.free_slot()
         self.stats.response(rh.status, self.d.loop.time() - self.started)
         if self.target is not None:
-            self.target.done(rh.status < 500)
+            self.target.done(rh.status < 500 or self.success(rh.status))
         if self.span is not None or self.d.access_log is not None:
             self.end_span(rh.status)
         self.release()
@@ -694,6 +804,7 @@ class Exchange:
             self.upstream_failed("upstream switched protocols unasked")
             return
         self.finished = True
+        self.free_slot()
         self.stats.response(rh.status, self.d.loop.time() - self.started)
         up.detach()
         up.detach_for_tunnel()
@@ -725,12 +836,21 @@ class Exchange:
                 and not self.body_sent and not self.head.has_body):
             self.retry()
             return
+        policy = self.policy
+        if policy is not None and not self.response_started and self.retry_after(
+                "connection", policy.classifier.classify(self.head.method, None, None, cause)):
+            return
         self.discard_upstream()
         self.d.registry.error(self.d.name, "upstream_failed")
         self.fail(502, cause, "upstream")
 
     def retry(self) -> None:
+        """The stale-connection resend (a reused idle connection closed under us)."""
         self.retried = True
+        self.retries += 1
+        self.d.registry.retry(self.d.name, "stale")
+        if self.deadline is not None:
+            stamp_deadline(self.head.headers, self.deadline)
         self.reused = False
         up, self.up = self.up, None
         if up is not None:
@@ -746,6 +866,7 @@ class Exchange:
     def fail(self, status: int, cause: str, kind: str) -> None:
         self.waiting_since = 0.0
         self.finished = True
+        self.free_slot()
         if self.target is not None:
             self.target.done(False)
         if self.span is not None or self.d.access_log is not None:
@@ -771,11 +892,174 @@ class Exchange:
         self.waiting_since = 0.0
         if not self.finished:
             self.finished = True
+            self.free_slot()
             if self.target is not None:
                 self.target.done(True)  # the client left: not the endpoint's failure
             if self.span is not None or self.d.access_log is not None:
                 self.end_span(0, "client went away")
             self.discard_upstream()
+
+
+    # --- retries and timeouts (docs/reliability.md) --------------------------------------
+    def success(self, status: int) -> bool:
+        """A 5xx response's verdict for the balancer (``allSuccessful`` says success)."""
+        policy = self.policy
+        return policy is not None and policy.classifier.classify(self.head.method, status).ok
+
+    def timed_out(self) -> None:
+        """The deadline or the attempt timeout came before the response head."""
+        self.timer = None
+        if self.finished or self.response_started:
+            return
+        deadline, policy = self.deadline, self.policy
+        whole = deadline is not None and deadline.expired()
+        if not whole and not self.connecting and policy is not None:
+            verdict = policy.classifier.classify(self.head.method, None, None, "timeout")
+            if self.retry_after("timeout", verdict):
+                return
+        if whole:
+            assert deadline is not None
+            kind, what = "deadline_exceeded", f"deadline exceeded ({deadline.source})"
+        else:
+            assert policy is not None and policy.attempt_timeout is not None
+            kind, what = "attempt_timeout", f"attempt timeout ({policy.attempt_timeout:g}s)"
+        self.d.registry.error(self.d.name, kind)
+        self.discard_upstream()
+        self.server.resume(_CONNECTING)
+        self.fail(504, f"upstream timeout: no response from {self.dst}: {what}", "timeout")
+
+    def retry_after(self, reason: str, verdict: ResponseClass) -> bool:
+        """A failed attempt (``reason``: unsent, connection, response, timeout): schedule
+        the next one when the policy allows (True); else False and the caller answers."""
+        attempts = self.attempts
+        if attempts is None or self.response_started or self.told or self.finished:
+            return False
+        d, deadline = self.d, self.deadline
+        sent = reason != "unsent"
+        delay = attempts.next_delay(verdict, sent=sent, budget=self.budget,
+                                    remaining=deadline.remaining() if deadline else math.inf)
+        if isinstance(delay, str):
+            if delay != NOT_RETRYABLE:
+                d.registry.retry_skipped(d.name, delay)
+            return False
+        target = self.target
+        if target is not None:
+            target.done(False)
+            again = target.again()
+            if again is None:
+                return False  # every endpoint is ejected: this failure is the answer
+            self.target, self.dst = again, again.dst
+        d.registry.retry(d.name, reason)
+        self.retries += 1
+        self.discard_upstream()
+        self.release_endpoint()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.waiting_since = 0.0
+        self.reused = self.body_sent = False
+        if sent:
+            self.pending = []  # the body so far is in attempts.replay
+            self.pending_len = 0
+        self.server.pause(_CONNECTING)
+        d.loop.call_later(delay, self.next_attempt, sent)
+        return True
+
+    def next_attempt(self, sent: bool) -> None:
+        """The backoff is over: send the request again (head stamped anew)."""
+        self.dropping = False
+        if self.finished:
+            return
+        self.server.resume(_CONNECTING)
+        head = self.head
+        if self.deadline is not None:
+            stamp_deadline(head.headers, self.deadline)
+        tunnel = head.method == b"CONNECT" or head.upgrade is not None
+        first = serialize_request(head, self.d.via, upgrade=tunnel)
+        if sent:
+            replay = self.attempts.replay if self.attempts is not None else None
+            if replay is None:  # the body outgrew the buffer while we waited
+                self.fail(502, "upstream failed and the request body is too large to "
+                               "replay", "upstream")
+                return
+            self.pending = [first, *replay]
+        elif self.pending:
+            self.pending[0] = first
+        else:
+            self.pending = [first]
+        if self.request_done:
+            self.waiting_since = self.d.loop.time()
+        self.dispatch()
+
+    # --- load shedding -----------------------------------------------------------------
+    def wait_for_slot(self) -> None:
+        """Every in-flight slot is taken: wait in the bounded queue, or be shed at once."""
+        if self.d.limiter.enqueue(self):
+            self.queued = True
+            self.server.pause(_CONNECTING)
+        else:
+            self.shed("limits.max_requests in flight and the queue is full", "shed_requests")
+
+    def admitted(self) -> None:
+        """A slot was handed to this queued request (scheduled by free_slot)."""
+        self.queued = False
+        self.slot = True
+        if self.finished:
+            self.free_slot()
+            return
+        self.server.resume(_CONNECTING)
+        self.start()
+
+    def shed(self, cause: str, kind: str) -> None:
+        """503 at once, without calling the upstream."""
+        if self.queued:
+            self.queued = False
+        self.d.registry.error(self.d.name, kind)
+        if not self.finished:
+            self.server.resume(_CONNECTING)
+            if self.target is not None:
+                self.target.abandon()
+            self.fail(503, f"load shed: {cause}", "shed")
+
+    def count_endpoint(self) -> bool:
+        """Per-endpoint limit: count this attempt, trying another endpoint once when
+        routed; False (shed with 503) when there is no room."""
+        limits = self.d.ep_limits
+        if limits.acquire(self.dst):
+            self.ep = self.dst
+            return True
+        target = self.target
+        if target is not None and target.service is not None:
+            target.abandon()
+            again = target.again()
+            if again is not None:
+                self.target, self.dst = again, again.dst
+                if limits.acquire(again.dst):
+                    self.ep = again.dst
+                    return True
+        self.shed(f"{self.dst} has limits.max_endpoint_requests in flight", "shed_endpoint")
+        return False
+
+    def release_endpoint(self) -> None:
+        if self.ep is not None:
+            self.d.ep_limits.release(self.ep)
+            self.ep = None
+
+    def free_slot(self) -> None:
+        """The exchange is over: its timer, endpoint count and in-flight slot go."""
+        self.release_endpoint()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        limiter = self.d.limiter
+        if self.queued:
+            self.queued = False
+            limiter.cancel(self)
+        if self.slot:
+            self.slot = False
+            waiter = limiter.release()
+            if waiter is not None:
+                self.d.loop.call_soon(waiter.admitted)
 
 
 class Http1Upstream(asyncio.Protocol):

@@ -8,6 +8,12 @@ Connections to opaque ports are relayed at once; others are held until :func:`de
 the protocol, the held bytes reach ``detect.max_bytes``, the client half-closes, or
 ``detect.timeout`` passes (then opaque). The transport is then handed to the protocol's
 driver with the bytes read so far.
+
+Load shedding (docs/reliability.md): a connection accepted while ``limits.max_connections``
+client connections are open is closed at once. Requests take an in-flight slot of the
+direction's :class:`~appliance.resilience.limits.Limiter` (HTTP/1 in ``http1.py``, HTTP/2
+streams in ``http2.py``); queued requests past ``limits.queue_timeout`` are shed by the
+once-a-second sweep. The admin server has its own listener and is never shed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 from collections.abc import Coroutine
 from typing import Any
 
@@ -29,6 +36,8 @@ from appliance.net.tls import Connector
 from appliance.net.tls_inbound import serve_inbound
 from appliance.protocols import http1 as h1
 from appliance.protocols.detect import NEED_MORE, Protocol, detect, finish
+from appliance.resilience.limits import EndpointLimits, Limiter
+from appliance.resilience.policy import Policies
 from appliance.telemetry.accesslog import AccessLog
 from appliance.telemetry.metrics import Registry, TcpStats
 from appliance.telemetry.tracing import OFF, Tracer
@@ -65,6 +74,14 @@ class Direction:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._tcp: dict[tuple[str, str], TcpStats] = {}
         self.router: Any = None  # the Router, set by start_router() when a dtab is set
+        limits = config.limits
+        self.limiter = Limiter(loop.time, limits.max_requests, limits.max_queue,
+                               limits.queue_timeout)
+        self.ep_limits = EndpointLimits(limits.max_endpoint_requests)
+        self.max_connections = limits.max_connections
+        self.detecting = 0  # accepted connections whose protocol is not known yet
+        self.policies = Policies(config.service, config.services, loop.time)
+        self.rng = random.Random()
         self.tracer: Tracer = OFF  # set by the Proxy when tracing is configured
         self.access_log: AccessLog | None = None  # set by the Proxy when configured
 
@@ -131,6 +148,21 @@ class Direction:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    def client_connections(self) -> int:
+        """Client connections open now, whatever their protocol."""
+        open_ = self.detecting
+        for (_, peer), stats in self._tcp.items():
+            if peer == "src":
+                open_ += stats.opened - stats.closed
+        return open_
+
+    def shed_queued(self) -> None:
+        """Requests that waited in the queue past ``limits.queue_timeout`` get 503."""
+        if self.limiter.queue:
+            for waiter in self.limiter.expire():
+                waiter.shed("waited longer than limits.queue_timeout for an in-flight slot",
+                            "shed_queue_timeout")
+
     def connect_host(self, dst: OrigDst) -> str:
         return "127.0.0.1" if self.loopback_forward else dst.host
 
@@ -168,6 +200,7 @@ class Direction:
                 h2conn.close()
         self.pool.sweep(now)
         self.h2pool.sweep(now)
+        self.shed_queued()
 
 
 class Accepted(asyncio.Protocol):
@@ -183,12 +216,20 @@ class Accepted(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
         self.explicit = False  # refused as transparent, but may be an explicit proxy request
+        self.counted = False  # in d.detecting until handed off or closed
 
     tls_peer: Any = None  # inside terminated TLS: who the client is (tls_inbound.TlsPeer)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         d = self.d
+        if d.max_connections and d.client_connections() >= d.max_connections:
+            d.registry.error(d.name, "shed_connections")
+            self.done = True
+            transport.abort()
+            return
+        d.detecting += 1
+        self.counted = True
         sock = transport.get_extra_info("socket")
         dst = original_dst(sock)
         local_host, _ = local_addr(sock)
@@ -233,13 +274,20 @@ class Accepted(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
+        self.uncount()
         if self.timer is not None:
             self.timer.cancel()
+
+    def uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.d.detecting -= 1
 
     def hand_off(self, protocol: Protocol, *, eof: bool) -> None:
         if self.done:
             return
         self.done = True
+        self.uncount()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

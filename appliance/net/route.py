@@ -7,18 +7,25 @@ dtab; the request goes on carrying the combined override as ``l5d-ctx-dtab`` so 
 down the call chain routes it the same way, and ``l5d-dtab`` is removed. An override that
 does not parse is the client's error: 400 with ``l5d-proxy-error``. With
 ``routing.allow_overrides`` off, both headers are removed and ignored.
+
+Deadlines (docs/reliability.md): :func:`request_deadline` reads a request's incoming
+``l5d-ctx-deadline`` (and, for gRPC, ``grpc-timeout``) and combines them with the route's
+timeout; :func:`stamp_deadline` writes what is left on the request sent on, so the next hop
+is at least as strict. A request with none of them pays one pass over its header names.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import Config
 from appliance.discovery.base import NamerContext
 from appliance.net.addr import OrigDst
+from appliance.resilience.deadline import Deadline
 from appliance.routing.dtab import Dtab, parse_dtab
 from appliance.routing.identify import RequestView, first_of, make_identifier, parse_override
 from appliance.routing.path import RoutingSyntaxError, parse_path
@@ -131,6 +138,43 @@ def route_h2(router: Router, headers: list[tuple[bytes, bytes]], dst: OrigDst,
     view = RequestView(method=method, authority=authority, path=path,
                        headers=LazyHeaders(headers), dst=(dst.host, dst.port), protocol="h2")
     return router.route(view, override, text)
+
+
+def request_deadline(headers: list[tuple[bytes, bytes]], timeout: float | None,
+                     clock: Any, *, grpc: bool = False) -> Deadline | None:
+    """The request's deadline (route ``timeout``, ``l5d-ctx-deadline``, and ``grpc-timeout``
+    when ``grpc``), or None when it has none. Malformed header values are ignored."""
+    ctx: list[bytes] | None = None
+    grpc_timeout: bytes | None = None
+    for name, value in headers:
+        size = len(name)
+        if size == 16 and name.lower() == b"l5d-ctx-deadline":
+            if ctx is None:
+                ctx = []
+            ctx.append(value)
+        elif grpc and size == 12 and name.lower() == b"grpc-timeout":
+            grpc_timeout = value
+    if ctx is None and grpc_timeout is None and timeout is None:
+        return None
+    deadline = Deadline.combine(clock, timeout=timeout, ctx_deadline=ctx,
+                                grpc_timeout=grpc_timeout,
+                                now_wall=time.time() if ctx is not None else None)
+    return deadline if deadline.bounded or deadline.ignored else None
+
+
+def stamp_deadline(headers: list[tuple[bytes, bytes]], deadline: Deadline, *,
+                   grpc: bool = False) -> None:
+    """Replace (in place) the deadline headers with what is left of ``deadline``:
+    ``l5d-ctx-deadline`` always, ``grpc-timeout`` for gRPC."""
+    keep = [(n, v) for n, v in headers
+            if not ((len(n) == 16 and n.lower() == b"l5d-ctx-deadline")
+                    or (grpc and len(n) == 12 and n.lower() == b"grpc-timeout"))]
+    ctx = deadline.ctx_deadline_header(time.time())
+    if ctx is not None:
+        keep.append((b"l5d-ctx-deadline", ctx.encode("ascii")))
+        if grpc:
+            keep.append((b"grpc-timeout", (deadline.grpc_timeout_header() or "").encode()))
+    headers[:] = keep
 
 
 def make_identify(config: Config) -> Any:

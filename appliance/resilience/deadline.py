@@ -69,6 +69,14 @@ def _to_ns(seconds: float) -> int:
 def parse_ctx_deadline(value: str | bytes, now_wall: float) -> float | None:
     """Seconds left until the ``l5d-ctx-deadline`` value expires (<= 0 once past), or None
     when the value is malformed. ``now_wall`` is the current Unix time in seconds."""
+    deadline = ctx_deadline_ns(value)
+    if deadline is None:
+        return None
+    return (deadline - _to_ns(now_wall)) / _NS
+
+
+def ctx_deadline_ns(value: str | bytes) -> int | None:
+    """The ``deadline`` of an ``l5d-ctx-deadline`` value (Unix ns), or None if malformed."""
     text = _text(value)
     m = _CTX_RE.fullmatch(text.strip()) if text is not None else None
     if m is None:
@@ -76,7 +84,7 @@ def parse_ctx_deadline(value: str | bytes, now_wall: float) -> float | None:
     timestamp, deadline = int(m.group(1)), int(m.group(2))
     if abs(timestamp) > _INT64_MAX or abs(deadline) > _INT64_MAX:
         return None
-    return (deadline - _to_ns(now_wall)) / _NS
+    return deadline
 
 
 def format_ctx_deadline(remaining: float, now_wall: float) -> str:
@@ -123,16 +131,19 @@ def _check_seconds(what: str, value: object, *, allow_negative: bool) -> float:
 class Deadline:
     """An absolute deadline on a monotonic clock (``at`` is ``inf`` when there is none)."""
 
-    __slots__ = ("_clock", "at", "source", "ignored")
+    __slots__ = ("_clock", "at", "source", "ignored", "ctx_ns")
 
     def __init__(self, clock: Callable[[], float], at: float = math.inf, source: str = "",
-                 ignored: tuple[str, ...] = ()) -> None:
+                 ignored: tuple[str, ...] = (), ctx_ns: int | None = None) -> None:
         self._clock = clock
         self.at = at
         self.source = source
         """What set it: ``timeout``, ``l5d-ctx-deadline``, ``grpc-timeout`` or ``""``."""
         self.ignored = ignored
         """Names of incoming headers that were malformed and so ignored."""
+        self.ctx_ns = ctx_ns
+        """The strictest incoming ``l5d-ctx-deadline`` (Unix ns), if any: what is sent on
+        is never later than it, whatever the drift between the wall and monotonic clocks."""
 
     @classmethod
     def combine(cls, clock: Callable[[], float], *, timeout: float | None = None,
@@ -147,6 +158,7 @@ class Deadline:
         """
         now = clock()
         best, source, ignored = math.inf, "", []
+        ctx_ns: int | None = None
         if timeout is not None:
             if _check_seconds("route timeout", timeout, allow_negative=False) == 0.0:
                 raise DeadlineError("route timeout must be > 0 seconds, got 0")
@@ -157,10 +169,14 @@ class Deadline:
             values = ((ctx_deadline,) if isinstance(ctx_deadline, str | bytes)
                       else tuple(ctx_deadline))
             for value in values:
-                left = parse_ctx_deadline(value, now_wall)
-                if left is None:
+                at_ns = ctx_deadline_ns(value)
+                if at_ns is None:
                     ignored.append(CTX_DEADLINE)
-                elif now + left < best:
+                    continue
+                left = (at_ns - _to_ns(now_wall)) / _NS
+                if ctx_ns is None or at_ns < ctx_ns:
+                    ctx_ns = at_ns
+                if now + left < best:
                     best, source = now + left, CTX_DEADLINE
         if grpc_timeout is not None:
             left = parse_grpc_timeout(grpc_timeout)
@@ -168,7 +184,7 @@ class Deadline:
                 ignored.append(GRPC_TIMEOUT)
             elif now + left < best:
                 best, source = now + left, GRPC_TIMEOUT
-        return cls(clock, best, source, tuple(dict.fromkeys(ignored)))
+        return cls(clock, best, source, tuple(dict.fromkeys(ignored)), ctx_ns)
 
     @property
     def bounded(self) -> bool:
@@ -186,7 +202,12 @@ class Deadline:
         """The ``l5d-ctx-deadline`` value to send on, or None when unbounded."""
         if not self.bounded:
             return None
-        return format_ctx_deadline(self.at - self._clock(), now_wall)
+        value = format_ctx_deadline(self.at - self._clock(), now_wall)
+        if self.ctx_ns is not None:
+            stamp, deadline_ns = value.split(" ")
+            if int(deadline_ns) > self.ctx_ns:
+                value = f"{stamp} {self.ctx_ns}"
+        return value
 
     def grpc_timeout_header(self) -> str | None:
         """The ``grpc-timeout`` value to send on, or None when unbounded."""

@@ -53,7 +53,7 @@ class RouteError(Exception):
 class Target:
     """Where one request goes, and the handle to report its outcome."""
 
-    __slots__ = ("dst", "service", "endpoint", "started", "name", "reported")
+    __slots__ = ("dst", "service", "endpoint", "started", "name", "reported", "path")
 
     @property
     def service_name(self) -> str:
@@ -61,13 +61,14 @@ class Target:
         return show_path(self.service.id) if self.service is not None else ""
 
     def __init__(self, dst: OrigDst, service: Service | None, endpoint: Any, name: str,
-                 started: float) -> None:
+                 started: float, path: Path | None = None) -> None:
         self.dst = dst
         self.service = service
         self.endpoint = endpoint
         self.name = name  # the logical name, for logs and headers
         self.started = started
         self.reported = False
+        self.path = path  # the logical name as a path (None if the request had none)
 
     def done(self, ok: bool) -> None:
         """The response ended (``ok``: not a failure by the classifier); once per target."""
@@ -75,6 +76,29 @@ class Target:
             return
         self.reported = True
         self.service.balancer.finish(self.endpoint, self.started, ok)
+
+    def abandon(self) -> None:
+        """The request was never sent to this endpoint (shed, or its deadline had passed):
+        undo the balancer's start() without a latency sample or an outcome."""
+        if self.reported or self.service is None:
+            return
+        self.reported = True
+        self.service.balancer.abandon(self.endpoint, self.started)
+
+    def again(self) -> Target | None:
+        """A new endpoint of the same service for a retry (after :meth:`done` on this one),
+        or None when every endpoint is ejected. Never the endpoint that just failed while
+        another is alive."""
+        service = self.service
+        if service is None:
+            return Target(self.dst, None, None, self.name, 0.0, self.path)
+        balancer = service.balancer
+        endpoint = balancer.pick_other(self.endpoint)
+        if endpoint is None:
+            return None
+        host, port = endpoint.key
+        return Target(OrigDst(host, port), service, endpoint, self.name,
+                      balancer.start(endpoint), self.path)
 
 
 class Pending:
@@ -95,9 +119,12 @@ class Pending:
 class Service:
     """One bound name: its discovery watch and its balancer."""
 
-    def __init__(self, id: Path, watch: Watch, balancer: Any) -> None:
+    def __init__(self, id: Path, watch: Watch, balancer: Any,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.id = id
         self.balancer = balancer
+        self.clock = clock
+        self.budgets: dict[tuple[float, float, float], Any] = {}
         self.state: AddrState = PENDING
         self._ready: asyncio.Future[None] | None = None
         self.unsubscribe = watch.subscribe(self.update)
@@ -110,6 +137,14 @@ class Service:
             self.balancer.update({})
         if state.kind != "pending" and self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
+
+    def budget(self, policy: Any) -> Any:
+        """The retry budget of this service (one per set of budget parameters, shared by
+        every request that reaches it); ``policy`` is an appliance.resilience Policy."""
+        budget = self.budgets.get(policy.budget_args)
+        if budget is None:
+            budget = self.budgets[policy.budget_args] = policy.new_budget(self.clock)
+        return budget
 
     @property
     def pending(self) -> bool:
@@ -155,7 +190,7 @@ class Router:
         except RoutingSyntaxError as exc:  # a header identifier given a non-path
             raise RouteError(400, f"cannot name the request: {exc}", "bad_name") from None
         if path is None:
-            return self.fallback(view, "no name for the request")
+            return self.fallback(view, "no name for the request", None)
         tree = self.bind(path, override if self.allow_overrides else None, override_text)
         pending: list[Service] = []
 
@@ -173,7 +208,7 @@ class Router:
         if chosen is None:
             if pending:
                 return Pending(pending[0], view, override, override_text)
-            return self.fallback(view, f"{show_path(path)} delegates to no usable name")
+            return self.fallback(view, f"{show_path(path)} delegates to no usable name", path)
         service = self.services[chosen.id]
         endpoint = service.balancer.pick()
         if endpoint is None:
@@ -181,14 +216,14 @@ class Router:
                                   "(all ejected by failure accrual)", "unavailable")
         host, port = endpoint.key
         started = service.balancer.start(endpoint)
-        return Target(OrigDst(host, port), service, endpoint, show_path(path), started)
+        return Target(OrigDst(host, port), service, endpoint, show_path(path), started, path)
 
     def again(self, pending: Pending) -> Target | Pending:
         return self.route(pending.view, pending.override, pending.override_text)
 
-    def fallback(self, view: RequestView, why: str) -> Target:
+    def fallback(self, view: RequestView, why: str, path: Path | None = None) -> Target:
         if self.fallback_orig_dst and view.dst is not None:
-            return Target(OrigDst(*view.dst), None, None, "", 0.0)
+            return Target(OrigDst(*view.dst), None, None, "", 0.0, path)
         raise RouteError(502, f"no route: {why}", "no_route")
 
     def bind(self, path: Path, override: Dtab | None, override_text: str) -> Any:
@@ -208,7 +243,8 @@ class Router:
     def service(self, id: Path) -> Service:
         service = self.services.get(id)
         if service is None:
-            service = self.services[id] = Service(id, self.watch(id), self.make_balancer())
+            service = self.services[id] = Service(id, self.watch(id), self.make_balancer(),
+                                                  self.clock)
         return service
 
     def watch(self, id: Path) -> Watch:
