@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 
 @dataclass
@@ -188,3 +190,128 @@ def frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
                     data[pos + 9:pos + 9 + length]))
         pos += 9 + length
     return out
+
+
+# --- a real HTTP/2 (h2c) server on the h2 library, for translation tests ------------------
+
+@dataclass
+class Seen:
+    """A request as the server received it."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reset: int | None = None
+
+
+class H2Server:
+    """An h2c server (h2 library, prior knowledge), one thread per connection.
+
+    ``/echo`` answers 200 with the request body and no content-length (so an HTTP/1.1
+    client gets it chunked), and with trailers naming the request's trailers if it had
+    any; ``/trailers`` answers ``ok`` and a trailer ``x-checksum: 42``; ``/big?N`` answers
+    N bytes (with content-length) as fast as flow control allows; ``/head`` answers 204.
+    Every request (or its reset) is kept in ``seen``, and ``connections`` counts accepts.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.seen: dict[tuple[int, int], Seen] = {}
+        self.connections = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                n = self.connections
+            threading.Thread(target=self._serve, args=(s, n), daemon=True).start()
+
+    def _serve(self, s: socket.socket, n: int) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        pending: dict[int, list] = {}  # sid -> [data left, trailers]
+        try:
+            s.sendall(conn.data_to_send())
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    return
+                for event in conn.receive_data(data):
+                    self._event(conn, n, event, pending)
+                self._push(conn, pending)
+                s.sendall(conn.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            s.close()
+
+    def _event(self, conn: Any, n: int, event: Any, pending: dict[int, list]) -> None:
+        key = (n, getattr(event, "stream_id", 0))
+        if isinstance(event, h2.events.RequestReceived):
+            self.seen[key] = Seen(list(event.headers))
+        elif isinstance(event, h2.events.DataReceived):
+            self.seen[key].body += event.data
+            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.seen[key].trailers = list(event.headers)
+        elif isinstance(event, h2.events.StreamReset):
+            if key in self.seen:
+                self.seen[key].reset = event.error_code
+            pending.pop(event.stream_id, None)
+        if isinstance(event, h2.events.StreamEnded):
+            self._respond(conn, event.stream_id, self.seen[key], pending)
+
+    def _respond(self, conn: Any, sid: int, seen: Seen, pending: dict[int, list]) -> None:
+        path = dict(seen.headers)[b":path"]
+        if path == b"/echo":
+            conn.send_headers(sid, [(b":status", b"200"), (b"x-body", b"%d" % len(seen.body))])
+            trailers = [(b"x-request-trailers", b",".join(n for n, _ in seen.trailers))] \
+                if seen.trailers else None
+            pending[sid] = [seen.body, trailers]
+        elif path == b"/trailers":
+            conn.send_headers(sid, [(b":status", b"200")])
+            pending[sid] = [b"ok", [(b"x-checksum", b"42")]]
+        elif path.startswith(b"/big?"):
+            size = int(path[5:])
+            conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"%d" % size)])
+            pending[sid] = [b"b" * size, None]
+        elif path == b"/head":
+            conn.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        else:
+            conn.send_headers(sid, [(b":status", b"404"), (b"content-length", b"0")],
+                              end_stream=True)
+
+    @staticmethod
+    def _push(conn: Any, pending: dict[int, list]) -> None:
+        for sid, item in list(pending.items()):
+            body, trailers = item
+            while body:
+                size = min(len(body), conn.local_flow_control_window(sid),
+                           conn.max_outbound_frame_size)
+                if size <= 0:
+                    break
+                conn.send_data(sid, body[:size])
+                body = body[size:]
+            item[0] = body
+            if not body:
+                if trailers:
+                    conn.send_headers(sid, trailers, end_stream=True)
+                else:
+                    conn.end_stream(sid)
+                del pending[sid]
+
+    def requests(self) -> list[Seen]:
+        return list(self.seen.values())
+
+    def close(self) -> None:
+        self.sock.close()

@@ -101,7 +101,7 @@ class H2Stream:
     __slots__ = (
         "server", "sid", "cs", "up", "us", "headers", "to_up", "to_down", "grpc", "started",
         "response_started", "status", "done", "early", "request_ended", "grpc_status",
-        "deadline", "retried", "head", "target",
+        "deadline", "retried", "head", "target", "stats", "orig_proto",
     )
 
     def __init__(self, server: Http2Server, cs: Stream, headers: Sequence[tuple[bytes, bytes]],
@@ -128,6 +128,8 @@ class H2Stream:
         self.retried = False
         self.head = False  # a HEAD request: the response has no body
         self.target: Any = None  # the router's pick (appliance.routing.router.Target)
+        self.stats: Any = server.stats  # where its response is counted
+        self.orig_proto = False  # inbound l5d-orig-proto: HTTP/1.1 (sent on as HTTP/1.1)
 
 
 # --- moving a stream's parts from one side to the other -----------------------------------
@@ -232,7 +234,7 @@ def finish_side(stream: H2Stream, down: bool) -> None:
     if down:
         stream.done = True
         server = stream.server
-        server.stats.response(stream.status, server.d.loop.time() - stream.started, "",
+        stream.stats.response(stream.status, server.d.loop.time() - stream.started, "",
                               stream.grpc_status.decode("ascii", "replace"))
         server.stream_done(stream)
         if stream.up is not None:
@@ -274,7 +276,7 @@ def reset_downstream(stream: H2Stream, code: int) -> None:
     if stream.done:
         return
     server = stream.server
-    server.stats.response(stream.status, server.d.loop.time() - stream.started,
+    stream.stats.response(stream.status, server.d.loop.time() - stream.started,
                           "upstream_reset")
     server.conn.reset(stream.cs, code)
     touch(server)
@@ -332,7 +334,7 @@ def respond_error(stream: H2Stream, status: int, cause: str, *,
         server.conn.send_data(stream.cs, body, True)
     stream.response_started = True
     touch(server)
-    server.stats.response(stream.status, server.d.loop.time() - stream.started, "proxy",
+    stream.stats.response(stream.status, server.d.loop.time() - stream.started, "proxy",
                           stream.grpc_status.decode())
     server.stream_done(stream)
     if stream.up is not None:

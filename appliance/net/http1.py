@@ -41,6 +41,7 @@ from appliance.net.addr import OrigDst
 from appliance.net.relay import Relay
 from appliance.net.route import request_deadline, stamp_deadline
 from appliance.net.tls import TlsConnectError
+from appliance.net.translate import h2_upstream
 from appliance.protocols.http1 import (
     HttpError,
     RequestHead,
@@ -543,6 +544,8 @@ class Exchange:
         if self.server.explicit and head.method == b"CONNECT":
             self.server.pause(_CONNECTING)
             self.d.spawn(self.connect())  # a tunnel of ours: a fresh connection, no request
+            return
+        if h2_upstream(self):  # the endpoint speaks only HTTP/2: appliance/net/translate.py
             return
         if not self.arm():
             return

@@ -191,11 +191,12 @@ class Http2Server(asyncio.Protocol):
         memo = self.memo.get(id(headers))
         if memo is None or memo[0] is not headers:
             memo = self.prepare(headers)
-        _, out, grpc, head, looped = memo
+        _, out, grpc, head, looped, orig_proto = memo
         stream = H2Stream(self, s, out, grpc, self.d.loop.time())
         s.user = stream
         stream.request_ended = end
         stream.head = head
+        stream.orig_proto = orig_proto
         self.streams[s.sid] = stream
         self.stats.requests += 1
         if looped:
@@ -214,7 +215,7 @@ class Http2Server(asyncio.Protocol):
         """What the proxy needs of a request head, computed once per distinct head: the
         decoder hands out the same list object for a repeated header block, so the result
         is kept by identity (with the list itself, so its id cannot be reused)."""
-        grpc = head = looped = False
+        grpc = head = looped = orig_proto = False
         via = self.d.via_name
         for name, value in headers:
             if name == b":method":
@@ -223,7 +224,12 @@ class Http2Server(asyncio.Protocol):
                 grpc = value.startswith(b"application/grpc")
             elif name == b"via" and via in value:
                 looped = True
-        memo = (headers, (*headers, self.via_header), grpc, head, looped)
+            elif name == b"l5d-orig-proto" and self.d.name == "inbound":
+                orig_proto = value == b"HTTP/1.1"
+        out = (*headers, self.via_header)
+        if orig_proto:  # linkerd's mesh downgrade: the app gets HTTP/1.1 (translate_h1)
+            out = tuple(h for h in out if h[0] != b"l5d-orig-proto")
+        memo = (headers, out, grpc, head, looped, orig_proto)
         if len(self.memo) >= _MEMO_ENTRIES:
             self.memo.clear()
         self.memo[id(headers)] = memo

@@ -26,6 +26,7 @@ from appliance.net.h2stream import (
     touch,
 )
 from appliance.net.tls import TlsConnectError
+from appliance.net.translate_h1 import H1Pool, wants_http1
 from appliance.protocols.h2conn import H2Connection, H2Error, Stream
 from appliance.protocols.h2frames import CANCEL, REFUSED_STREAM
 from appliance.protocols.h2send import CLOSED
@@ -250,13 +251,20 @@ class Http2Upstream(asyncio.Protocol):
 
 
 class H2Pool:
-    """Multiplexed upstream connections per endpoint."""
+    """Multiplexed upstream connections per endpoint; streams whose endpoint speaks only
+    HTTP/1.1 go to :class:`~appliance.net.translate_h1.H1Pool` instead."""
 
     def __init__(self, d: Direction) -> None:
         self.d = d
         self.conns: dict[OrigDst, list[Http2Upstream]] = {}
+        side = d.config.outbound if d.name == "outbound" else d.config.inbound
+        self.h1_ports = side.http1_upstream_ports
+        self.h1 = H1Pool(d)
 
     def attach(self, stream: H2Stream, dst: OrigDst) -> None:
+        if (self.h1_ports or stream.orig_proto) and wants_http1(self.d, stream, dst):
+            self.h1.attach(stream, dst)
+            return
         for up in self.conns.get(dst, ()):
             if not up.full:
                 if up.transport is None:
@@ -301,6 +309,7 @@ class H2Pool:
     def sweep(self, now: float) -> None:
         """Keepalive: PING a connection quiet for ``h2.keepalive_interval``; one that does
         not answer within ``h2.keepalive_timeout`` is closed (its streams get errors)."""
+        self.h1.sweep(now)
         conf = self.d.config.h2
         for conns in list(self.conns.values()):
             for up in list(conns):
@@ -316,6 +325,7 @@ class H2Pool:
                     up.flush()
 
     def close_all(self) -> None:
+        self.h1.close_all()
         for conns in self.conns.values():
             for up in conns:
                 if up.transport is not None:
