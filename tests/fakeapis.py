@@ -10,11 +10,13 @@ by HashiCorp and by Kubernetes:
   header, ACL tokens (``X-Consul-Token``, 403 "ACL not found"), the entry shape
   (``Node``, ``Service``, ``Checks``) and 500 "No path to datacenter";
 * Kubernetes ``GET /apis/discovery.k8s.io/v1/namespaces/<ns>/endpointslices`` with a
-  ``labelSelector``: the EndpointSliceList (``metadata.resourceVersion``, ``items``), and
-  with ``watch=1&resourceVersion=<rv>``: a chunked stream of JSON lines (ADDED, MODIFIED,
-  DELETED, BOOKMARK when ``allowWatchBookmarks``, ERROR with a 410 ``Expired`` Status for
-  a compacted resourceVersion, or an HTTP 410 when told to), ``timeoutSeconds``, and
-  bearer-token authentication (401 Status).
+  ``labelSelector``, and ``GET /api/v1/services`` (all namespaces) or
+  ``/api/v1/namespaces/<ns>/services``: the list (``metadata.resourceVersion``,
+  ``items``), and with ``watch=1&resourceVersion=<rv>``: a chunked stream of JSON lines
+  (ADDED, MODIFIED, DELETED, BOOKMARK when ``allowWatchBookmarks``, ERROR with a 410
+  ``Expired`` Status for a compacted resourceVersion, or an HTTP 410 when told to),
+  ``timeoutSeconds``, and bearer-token authentication (401 Status). As in etcd, one
+  resourceVersion counter orders every change of every resource.
 
 HTTP/1.1 is spoken through h11, an implementation independent of the client under test.
 Tests change the data (register, deregister, set health, apply or delete slices, compact
@@ -301,13 +303,38 @@ def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
             "message": message, "reason": reason, "code": code}
 
 
+def service_port(port: int, target: int | str | None = None, name: str = "",
+                 protocol: str = "TCP") -> dict[str, Any]:
+    """One entry of a Service's ``spec.ports`` (``targetPort`` left out when None)."""
+    entry: dict[str, Any] = {"name": name, "port": port, "protocol": protocol}
+    if not name:
+        del entry["name"]
+    if target is not None:
+        entry["targetPort"] = target
+    return entry
+
+
+def _matches(path: str) -> tuple[str, str | None] | None:
+    """(resource, namespace or None for all) of a collection path this server serves."""
+    slices = ("/apis/discovery.k8s.io/v1/namespaces/", "/endpointslices")
+    if path.startswith(slices[0]) and path.endswith(slices[1]):
+        return "EndpointSlice", path[len(slices[0]):-len(slices[1])]
+    if path == "/api/v1/services":
+        return "Service", None
+    if path.startswith("/api/v1/namespaces/") and path.endswith("/services"):
+        return "Service", path[len("/api/v1/namespaces/"):-len("/services")]
+    return None
+
+
 class FakeK8s(FakeServer):
-    """The EndpointSlice part of a Kubernetes API server, with watch history."""
+    """The EndpointSlice and Service parts of a Kubernetes API server, with watch
+    history."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(tls)
         self.rv = 100
         self.slices: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.history: list[tuple[int, str, str, dict[str, Any]]] = []
         self.compacted = 0
         self.tokens: set[str] | None = None
@@ -315,7 +342,7 @@ class FakeK8s(FakeServer):
         self.gone_as_status = False
         """Answer a too-old resourceVersion with HTTP 410 instead of an ERROR event."""
         self.list_bodies: list[bytes] = []
-        self._watchers: list[asyncio.Queue[bytes | None]] = []
+        self._watchers: list[tuple[str, asyncio.Queue[bytes | None]]] = []
 
     def apply_slice(self, namespace: str, name: str, service: str,
                     endpoints: list[dict[str, Any]], ports: list[tuple[str, int]], *,
@@ -333,8 +360,39 @@ class FakeK8s(FakeServer):
         self._record(kind, namespace, self.slices[key])
 
     def delete_slice(self, namespace: str, name: str) -> None:
+        self._delete(self.slices, namespace, name)
+
+    def apply_service(self, namespace: str, name: str, cluster_ip: str | list[str] | None,
+                      ports: list[dict[str, Any]], *, type: str = "ClusterIP",
+                      external_name: str | None = None) -> None:
+        """Create or replace a Service (an ADDED or MODIFIED event). ``cluster_ip`` "None"
+        is headless; a list is dual-stack (``clusterIPs``); None leaves both unset."""
         self.rv += 1
-        obj = json.loads(json.dumps(self.slices.pop((namespace, name))))
+        key = (namespace, name)
+        kind = "MODIFIED" if key in self.services else "ADDED"
+        spec: dict[str, Any] = {"type": type, "ports": ports, "selector": {"app": name},
+                                "sessionAffinity": "None"}
+        if isinstance(cluster_ip, list):
+            spec |= {"clusterIP": cluster_ip[0], "clusterIPs": cluster_ip,
+                     "ipFamilies": ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ip]}
+        elif cluster_ip is not None:
+            spec |= {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip]}
+        if external_name is not None:
+            spec["externalName"] = external_name
+        self.services[key] = {
+            "kind": "Service", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}",
+                         "resourceVersion": str(self.rv)},
+            "spec": spec, "status": {"loadBalancer": {}}}
+        self._record(kind, namespace, self.services[key])
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        self._delete(self.services, namespace, name)
+
+    def _delete(self, store: dict[tuple[str, str], dict[str, Any]], namespace: str,
+                name: str) -> None:
+        self.rv += 1
+        obj = json.loads(json.dumps(store.pop((namespace, name))))
         obj["metadata"]["resourceVersion"] = str(self.rv)
         self._record("DELETED", namespace, obj)
 
@@ -343,10 +401,13 @@ class FakeK8s(FakeServer):
         self.compacted = self.rv
 
     def bookmark(self) -> None:
-        line = {"type": "BOOKMARK", "object": {
-            "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
-            "metadata": {"resourceVersion": str(self.rv)}}}
-        self._send_all(json.dumps(line).encode() + b"\n")
+        """A BOOKMARK with the current resourceVersion on every open watch (its object is
+        of the watched kind, as the real server sends it)."""
+        for resource, queue in self._watchers:
+            line = {"type": "BOOKMARK", "object": {
+                "kind": resource, "apiVersion": _API_VERSION[resource],
+                "metadata": {"resourceVersion": str(self.rv)}}}
+            queue.put_nowait(json.dumps(line).encode() + b"\n")
 
     def send_raw(self, data: bytes) -> None:
         """Send bytes as they are to every open watch (a bad event)."""
@@ -354,35 +415,39 @@ class FakeK8s(FakeServer):
 
     def end_watches(self) -> None:
         """End every open watch cleanly, as the server's timeout does."""
-        for queue in self._watchers:
+        for _, queue in self._watchers:
             queue.put_nowait(None)
+
+    def open_watches_of(self, resource: str) -> int:
+        """Open watches of ``EndpointSlice`` or ``Service``."""
+        return sum(1 for kind, _ in self._watchers if kind == resource)
 
     @property
     def open_watches(self) -> int:
         return len(self._watchers)
 
-    def watch_requests(self) -> list[Request]:
-        return [r for r in self.requests if "watch" in r.query]
+    def watch_requests(self, resource: str | None = None) -> list[Request]:
+        return [r for r in self.requests if "watch" in r.query and _is(r, resource)]
 
-    def list_requests(self) -> list[Request]:
-        return [r for r in self.requests if "watch" not in r.query]
+    def list_requests(self, resource: str | None = None) -> list[Request]:
+        return [r for r in self.requests if "watch" not in r.query and _is(r, resource)]
 
     def _record(self, kind: str, namespace: str, obj: dict[str, Any]) -> None:
         obj = json.loads(json.dumps(obj))
         self.history.append((self.rv, kind, namespace, obj))
-        for queue in self._watchers:
+        for _, queue in self._watchers:
             queue.put_nowait(b"")  # wake: the watcher reads history itself
 
     def _send_all(self, data: bytes) -> None:
-        for queue in self._watchers:
+        for _, queue in self._watchers:
             queue.put_nowait(data)
 
     async def handle(self, request: Request) -> Reply:
-        prefix, suffix = "/apis/discovery.k8s.io/v1/namespaces/", "/endpointslices"
-        if not (request.path.startswith(prefix) and request.path.endswith(suffix)):
+        found = _matches(request.path)
+        if found is None:
             return json_reply(404, status_object(404, "NotFound", "the server could not "
                                                  "find the requested resource"))
-        namespace = request.path[len(prefix):-len(suffix)]
+        resource, namespace = found
         if self.tokens is not None and request.headers.get("authorization", "").removeprefix(
                 "Bearer ") not in self.tokens:
             return json_reply(401, status_object(401, "Unauthorized", "Unauthorized"))
@@ -392,18 +457,19 @@ class FakeK8s(FakeServer):
         except ValueError as exc:
             return json_reply(400, status_object(400, "BadRequest", str(exc)))
         if q.get("watch") in ("1", "true"):
-            return await self._watch(namespace, match, q)
+            return await self._watch(resource, namespace, match, q)
         if self.list_bodies:
             return 200, [("content-type", "application/json")], self.list_bodies.pop(0)
+        store = self.slices if resource == "EndpointSlice" else self.services
         items = [{k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
-                 for (ns, _), obj in sorted(self.slices.items())
-                 if ns == namespace and match(obj)]
-        return json_reply(200, {"kind": "EndpointSliceList", "apiVersion":
-                                "discovery.k8s.io/v1",
+                 for (ns, _), obj in sorted(store.items())
+                 if namespace in (None, ns) and match(obj)]
+        return json_reply(200, {"kind": f"{resource}List",
+                                "apiVersion": _API_VERSION[resource],
                                 "metadata": {"resourceVersion": str(self.rv)}, "items": items})
 
-    async def _watch(self, namespace: str, match: Callable[[dict[str, Any]], bool],
-                     q: dict[str, str]) -> Reply:
+    async def _watch(self, resource: str, namespace: str | None,
+                     match: Callable[[dict[str, Any]], bool], q: dict[str, str]) -> Reply:
         since = int(q.get("resourceVersion") or self.rv)
         if since < self.compacted:
             message = f"too old resource version: {since} ({self.compacted})"
@@ -412,19 +478,24 @@ class FakeK8s(FakeServer):
             gone = {"type": "ERROR", "object": status_object(410, "Expired", message)}
             return 200, [("content-type", "application/json")], _once(gone)
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._watchers.append(queue)
+        watcher = (resource, queue)
+        self._watchers.append(watcher)
         timeout = float(q.get("timeoutSeconds", "1800"))
-        stream = self._events(queue, namespace, match, since, timeout)
+
+        def wanted(ns: str, obj: dict[str, Any]) -> bool:
+            return obj.get("kind") == resource and namespace in (None, ns) and match(obj)
+        stream = self._events(watcher, wanted, since, timeout)
         return 200, [("content-type", "application/json")], stream
 
-    async def _events(self, queue: asyncio.Queue[bytes | None], namespace: str,
-                      match: Callable[[dict[str, Any]], bool], since: int,
+    async def _events(self, watcher: tuple[str, asyncio.Queue[bytes | None]],
+                      wanted: Callable[[str, dict[str, Any]], bool], since: int,
                       timeout: float) -> AsyncIterator[bytes]:
+        queue = watcher[1]
         deadline = time.monotonic() + timeout
         try:
             while True:
                 for rv, kind, ns, obj in self.history:
-                    if rv > since and ns == namespace and match(obj):
+                    if rv > since and wanted(ns, obj):
                         yield json.dumps({"type": kind, "object": obj}).encode() + b"\n"
                 since = max(since, self.rv)
                 try:
@@ -436,7 +507,15 @@ class FakeK8s(FakeServer):
                 if item:
                     yield item
         finally:
-            self._watchers.remove(queue)
+            self._watchers.remove(watcher)
+
+
+_API_VERSION = {"EndpointSlice": "discovery.k8s.io/v1", "Service": "v1"}
+
+
+def _is(request: Request, resource: str | None) -> bool:
+    found = _matches(request.path)
+    return resource is None or (found is not None and found[0] == resource)
 
 
 async def _once(obj: dict[str, Any]) -> AsyncIterator[bytes]:

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Self
 
 from appliance.discovery.base import NEG, Address, AddrState, Name, bound
 from appliance.discovery.consul import Backoff, DecodeError, OptionReader
@@ -31,7 +31,7 @@ KIND = "io.l5d.k8s"
 SERVICE_LABEL = "kubernetes.io/service-name"
 TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 
 
@@ -50,7 +50,7 @@ def parse_name(name: Name) -> K8sName:
                          f"got {'/'.join(name)!r}")
     namespace, port, service = name
     for what, value in (("namespace", namespace), ("service", service)):
-        if not _DNS_LABEL.match(value):
+        if not DNS_LABEL.match(value):
             raise ValueError(f"{KIND}: {what} {value!r} is not a DNS label "
                              f"(lowercase letters, digits and '-', at most 63)")
     if port.isdigit():
@@ -86,7 +86,7 @@ class K8sOptions:
     """Seconds allowed for a list, or for a watch's response head."""
 
     @classmethod
-    def from_mapping(cls, options: Mapping[str, Any]) -> K8sOptions:
+    def from_mapping(cls, options: Mapping[str, Any]) -> Self:
         """Validate a ``namers:`` entry's options; ``ValueError`` names the bad one."""
         o = OptionReader(options, cls.__dataclass_fields__)
         opts = cls(**cls._read(o))
