@@ -421,3 +421,19 @@ def test_large_header_blocks_are_sent_with_continuation() -> None:
     assert [f[0] for f in out] == [HEADERS, CONTINUATION]
     assert out[0][1] & END_HEADERS == 0 and out[1][1] & END_HEADERS
     assert hpack.Decoder().decode(out[0][3] + out[1][3], raw=True)[-1][0] == b"x-big"
+
+
+def test_our_goaway_graceful_or_final() -> None:
+    """GOAWAY NO_ERROR names the last stream and lets open streams finish; GOAWAY with an
+    error code ends the connection: nothing more is sent."""
+    conn, rec = server()
+    conn.receive(hdrs(1, end=False) + hdrs(3, end=False))
+    conn.goaway(0, last_sid=1)
+    s = conn.streams[1]
+    assert conn.send_headers(s, [(b":status", b"200")], end=True)
+    out = frames(conn.data_to_send())
+    assert out[0] == (GOAWAY, 0, 0, u32(1) + u32(0)) and out[1][0] == HEADERS
+    conn.goaway(11)
+    assert conn.closed
+    assert not conn.send_headers(conn.streams[3], [(b":status", b"200")])
+    assert frames(conn.data_to_send()) == [(GOAWAY, 0, 0, u32(3) + u32(11))]

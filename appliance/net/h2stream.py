@@ -183,6 +183,7 @@ def drain(stream: H2Stream, *, down: bool) -> None:
     other side with what was sent."""
     src: Any
     dst: Any
+    dst_s: Stream | None
     if down:
         dst, dst_s, src, src_s, queue = (stream.server, stream.cs, stream.up, stream.us,
                                          stream.to_down)

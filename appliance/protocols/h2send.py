@@ -18,6 +18,7 @@ used (PROTOCOL_ERROR).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from appliance.protocols.h2frames import (
@@ -47,6 +48,7 @@ from appliance.protocols.h2frames import (
 from appliance.protocols.hpack_codec import Decoder, Encoder
 
 Headers = list[tuple[bytes, bytes]]
+HeaderSeq = Sequence[tuple[bytes, bytes]]  # what is sent: a list, or a memoised tuple
 
 # Stream states (RFC 9113 §5.1; the reserved states are absent: push is never used).
 IDLE, OPEN, HALF_LOCAL, HALF_REMOTE, CLOSED = range(5)
@@ -226,7 +228,7 @@ class H2State:
             self._remember(sid)
 
     # --- sending ------------------------------------------------------------------------
-    def open_stream(self, headers: Headers, end: bool, user: Any = None,
+    def open_stream(self, headers: HeaderSeq, end: bool, user: Any = None,
                     head: bool = False) -> Stream | None:
         """Client role: a new stream with its request head; None if no id is left."""
         sid = self.next_sid
@@ -244,7 +246,7 @@ class H2State:
                           self.encoder.encode(headers))
         return s
 
-    def send_headers(self, s: Stream, headers: Headers, end: bool = False) -> bool:
+    def send_headers(self, s: Stream, headers: HeaderSeq, end: bool = False) -> bool:
         """A response head, an informational response or (with ``end``) trailers."""
         if not CAN_SEND[s.state] or self.closed:
             return False

@@ -49,7 +49,7 @@ class TranslateError(Exception):
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """The field names a ``Connection`` header names (lowercased)."""
-    named = set()
+    named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             named.update(t.strip().lower() for t in value.split(b",") if t.strip())
