@@ -210,7 +210,8 @@ class H2Server:
     ``/echo`` answers 200 with the request body and no content-length (so an HTTP/1.1
     client gets it chunked), and with trailers naming the request's trailers if it had
     any; ``/trailers`` answers ``ok`` and a trailer ``x-checksum: 42``; ``/big?N`` answers
-    N bytes (with content-length) as fast as flow control allows; ``/head`` answers 204.
+    N bytes (with content-length) as fast as flow control allows; ``/early`` answers 103
+    then 200; ``/head`` answers 204.
     Every request (or its reset) is kept in ``seen``, and ``connections`` counts accepts.
     """
 
@@ -285,6 +286,10 @@ class H2Server:
             size = int(path[5:])
             conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"%d" % size)])
             pending[sid] = [b"b" * size, None]
+        elif path == b"/early":
+            conn.send_headers(sid, [(b":status", b"103"), (b"link", b"</s.css>")])
+            conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"2")])
+            pending[sid] = [b"hi", None]
         elif path == b"/head":
             conn.send_headers(sid, [(b":status", b"204")], end_stream=True)
         else:

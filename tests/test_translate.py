@@ -53,6 +53,7 @@ class H1Client:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.conn = h11.Connection(h11.CLIENT)
+        self.informational: list[h11.InformationalResponse] = []
 
     def request(self, method: bytes, target: bytes, headers: list | None = None,
                 body: list[bytes] | bytes = b"", trailers: list | None = None
@@ -79,6 +80,8 @@ class H1Client:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
                 self.conn.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.InformationalResponse):
+                self.informational.append(event)
             elif isinstance(event, h11.Response):
                 response = event
             elif isinstance(event, h11.Data):
@@ -209,8 +212,9 @@ def test_curl_http1_to_nghttpd_gets_exact_bytes(nghttpd: tuple[int, bytes],
 
 def test_h11_client_sees_correct_framing(nghttpd: tuple[int, bytes]) -> None:
     """An h11 client (strict) reads, on one keep-alive connection: a response with the
-    upstream's content-length, a response without one (sent chunked to us), a 204, and
-    HTTP/2 trailers as chunked trailers; the h2 server saw :authority, no Host."""
+    upstream's content-length, a response without one (sent chunked to us), a 204,
+    HTTP/2 trailers as chunked trailers, and a 103 before a 200; the h2 server saw
+    :authority, no Host."""
     server = h2peer.H2Server()
     try:
         with proxy(f"outbound.orig_dst_override=127.0.0.1:{server.port}",
@@ -227,6 +231,10 @@ def test_h11_client_sees_correct_framing(nghttpd: tuple[int, bytes]) -> None:
             assert (r.status_code, body) == (204, b"")
             r, body, trailers = client.request(b"GET", b"/trailers")
             assert (body, trailers) == (b"ok", [(b"x-checksum", b"42")])
+            r, body, _ = client.request(b"GET", b"/early")
+            assert (r.status_code, body) == (200, b"hi")
+            assert [(i.status_code, dict(i.headers).get(b"link")) for i in
+                    client.informational] == [(103, b"</s.css>")]
             client.close()
             seen = server.requests()[0].headers
             assert (b":authority", b"test") in seen and b"host" not in dict(seen)

@@ -227,15 +227,14 @@ class H1ToH2:
                 self.write(trailers_to_h1(headers))
             self.ended = True
             return True
-        if not stream.response_started:  # the proxy's own error response: see fail()
-            fields = dict(headers)
-            self.proxy_error = (int(fields[b":status"]),
-                                fields.get(b"l5d-proxy-error", b"").decode("latin-1"))
-            return True
-        status = int(headers[0][1])
+        status = int(headers[0][1])  # heads start with :status (validated, or our own)
         if status < 200:
             if status != 101 and self.head.version == b"1.1":
                 self.write(response_to_h1(headers)[1])
+            return True
+        if not stream.response_started:  # the proxy's own error response: see fail()
+            cause = dict(headers).get(b"l5d-proxy-error", b"")
+            self.proxy_error = (status, cause.decode("latin-1"))
             return True
         self.write(self.head_bytes(status, headers, end))
         return True
