@@ -136,20 +136,7 @@ class Skipper:
                     frame[2] = -1
                     return True
                 return False
-            if pos >= n:
-                return _short(pos + 1, self.limit)
-            t = buf[pos]
-            if t == TType.STOP:
-                self.pos = pos + 1
-                self.stack.pop()
-                return True
-            if t not in _B_TYPES:
-                raise ThriftError(MALFORMED, f"unknown field type {t} at offset {pos}")
-            if pos + 3 > n:
-                return _short(pos + 3, self.limit)
-            self.pos = pos + 3
-            frame[2] = t
-            return True
+            return self._fields_binary(buf, n, frame)
         remaining = frame[1]
         if remaining == 0:
             self.stack.pop()
@@ -167,6 +154,41 @@ class Skipper:
             frame[1] = remaining - 1
             return True
         return False
+
+    def _fields_binary(self, buf: bytes | bytearray, n: int, frame: list[int]) -> bool:
+        """A struct's fields, one after another while each is whole in the buffer: the
+        common flat case costs one call, not two per field. A composite value, or one
+        not all there yet, is left to the generic steps (its header is taken)."""
+        pos = self.pos
+        while True:
+            if pos >= n:
+                self.pos = pos
+                return _short(pos + 1, self.limit)
+            t = buf[pos]
+            if t == TType.STOP:
+                self.pos = pos + 1
+                self.stack.pop()
+                return True
+            if t not in _B_TYPES:
+                raise ThriftError(MALFORMED, f"unknown field type {t} at offset {pos}")
+            if pos + 3 > n:
+                self.pos = pos
+                return _short(pos + 3, self.limit)
+            width = _B_WIDTH.get(t)
+            if width is not None:
+                end = pos + 3 + width
+            elif t == TType.STRING and pos + 7 <= n:
+                (length,) = unpack_from(">i", buf, pos + 3)
+                if length < 0:
+                    raise ThriftError(MALFORMED, f"negative string length {length}")
+                end = pos + 7 + length
+            else:
+                end = n + 1  # composite, or the length is not here: generic steps
+            if end > n:
+                self.pos = pos + 3
+                frame[2] = t
+                return True
+            pos = end
 
     def _value_binary(self, buf: bytes | bytearray, n: int, t: int) -> bool:
         pos = self.pos
@@ -226,25 +248,7 @@ class Skipper:
                     frame[2] = -1
                     return True
                 return False
-            if pos >= n:
-                return _short(pos + 1, self.limit)
-            b = buf[pos]
-            t = b & 0x0F
-            if t == 0:  # STOP
-                self.pos = pos + 1
-                self.stack.pop()
-                return True
-            if t > C_UUID:
-                raise ThriftError(MALFORMED, f"unknown compact field type {t} at offset {pos}")
-            end = pos + 1
-            if b < 0x10:  # no delta: the field id follows as a zig-zag varint
-                value, end = read_varint(buf, end, n, 3)
-                if value < 0:
-                    return _short(end + 1, self.limit)
-            self.pos = end
-            if t != C_TRUE and t != C_FALSE:  # a bool field's value is its type
-                frame[2] = t
-            return True
+            return self._fields_compact(buf, n, frame)
         remaining = frame[1]
         if remaining == 0:
             self.stack.pop()
@@ -266,6 +270,48 @@ class Skipper:
             frame[1] = remaining - 1
             return True
         return False
+
+    def _fields_compact(self, buf: bytes | bytearray, n: int, frame: list[int]) -> bool:
+        """As :meth:`_fields_binary`, for the compact protocol."""
+        pos = self.pos
+        while True:
+            if pos >= n:
+                self.pos = pos
+                return _short(pos + 1, self.limit)
+            b = buf[pos]
+            t = b & 0x0F
+            if t == 0:  # STOP
+                self.pos = pos + 1
+                self.stack.pop()
+                return True
+            if t > C_UUID:
+                raise ThriftError(MALFORMED, f"unknown compact field type {t} at offset {pos}")
+            start = pos + 1
+            if b < 0x10:  # no delta: the field id follows as a zig-zag varint
+                value, start = read_varint(buf, start, n, 3)
+                if value < 0:
+                    self.pos = pos
+                    return _short(start + 1, self.limit)
+            if t == C_TRUE or t == C_FALSE:  # a bool field's value is its type
+                pos = start
+                continue
+            width = _C_WIDTH.get(t)
+            if width is not None:
+                end = start + width
+            elif t in _C_VARINT:
+                value, end = read_varint(buf, start, n, _C_VARINT[t])
+                if value < 0:
+                    end = n + 1
+            elif t == C_BINARY:
+                length, end = read_varint(buf, start, n, 5)
+                end = n + 1 if length < 0 or length > _MAX_SIZE else end + length
+            else:
+                end = n + 1  # composite: generic steps
+            if end > n:
+                self.pos = start
+                frame[2] = t
+                return True
+            pos = end
 
     def _varint_run(self, buf: bytes | bytearray, n: int, frame: list[int], most: int) -> bool:
         """Skip as many varint list elements as the buffer holds."""
