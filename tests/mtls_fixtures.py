@@ -32,7 +32,7 @@ OTHER = f"spiffe://{DOMAIN}/ns/default/sa/other"
 
 def make_pki(root: Path) -> Path:
     """``appliance certs init`` into ``root/ca``, a tokens file and one token file each."""
-    store.init(root / "ca", DOMAIN, now=pki.utc(time.time()))
+    store.init(root / "ca", DOMAIN, now=pki.utc(time.time() - 3600))  # leaves may be backdated
     (root / "tokens").write_text("".join(f"{tok} default {sa}\n" for sa, tok in TOKENS.items()))
     for sa, tok in TOKENS.items():
         (root / f"token-{sa}").write_text(tok + "\n")

@@ -1,4 +1,4 @@
-"""TLS termination after detection (appliance.net.tls_server) on real loopback sockets under
+"""TLS termination after detection (appliance.net.tls_session) on real loopback sockets under
 uvloop: the hello already read is fed in, the inner protocol gets a working transport
 (identity, flow control both ways, half-close, protocol switch), failures are reported."""
 
@@ -15,7 +15,7 @@ import uvloop
 from mtls_fixtures import API, WEB, MemPki
 
 from appliance.identity.tls import MESH_ALPN, peer_identity
-from appliance.net.tls_server import TlsServer, TlsTransport
+from appliance.net.tls_session import TlsSession, TlsTransport
 from certs import sslctx
 
 CA = MemPki()
@@ -89,7 +89,7 @@ class Terminating(asyncio.Protocol):
         self.buf = b""
         self.transport: Any = None
         self.ready = asyncio.Event()
-        self.tls: TlsServer | None = None
+        self.tls: TlsSession | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -97,7 +97,7 @@ class Terminating(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if len(self.buf) >= self.need and self.tls is None:
-            self.tls = TlsServer(self.ctx, self.transport, asyncio.get_running_loop(),
+            self.tls = TlsSession(self.ctx, self.transport, asyncio.get_running_loop(),
                                  on_ready=self.on_ready, on_error=self.errors.append,
                                  handshake_timeout=self.timeout)
             self.tls.start(self.buf, False)

@@ -15,13 +15,14 @@ which picks one of three ways, within the direction's ``connect_timeout``:
    cached, the connection goes in plaintext (see docs/mtls.md: a strict peer refuses it).
 3. **Plaintext** otherwise (and always inbound, to the local workload).
 
-TLS is started on the connected socket with ``loop.start_tls`` while a placeholder protocol
-(:class:`_Gate`) holds the connection; only after the handshake and the identity check is
-the caller's protocol created and attached, so nothing is sent to a peer that has not proved
-who it is. TCP failures keep their usual exceptions (TimeoutError, OSError); every TLS
-failure (handshake, verification, ALPN, identity, no certificate yet) is a
-:class:`TlsConnectError`, an OSError whose ``strerror`` says ``mesh TLS to X failed: ...``
-and whose ``kind`` is the ``proxy_errors_total`` label.
+TLS runs over the connected socket in a :class:`~appliance.net.tls_session.TlsSession`
+(not ``loop.start_tls``: asyncio's TLS transports cannot half-close, which opaque relays
+need); only after the handshake and the identity check is the caller's protocol created and
+attached, so nothing is sent to a peer that has not proved who it is. TCP failures keep
+their usual exceptions (TimeoutError, OSError); every TLS failure (handshake,
+verification, ALPN, identity, no certificate yet) is a :class:`TlsConnectError`, an OSError
+whose ``strerror`` says ``mesh TLS to X failed: ...`` and whose ``kind`` is the
+``proxy_errors_total`` label.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from appliance.identity import policy
 from appliance.identity.meshed import MISSING, MeshedLookupError
 from appliance.identity.tls import MESH_ALPN, PeerIdentityError, check_peer_identity
 from appliance.net.addr import OrigDst
+from appliance.net.tls_session import TlsSession, TlsTransport
 
 if TYPE_CHECKING:
     from appliance.identity.client import MeshedPeer
@@ -58,37 +60,6 @@ class TlsConnectError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
-
-
-class _Gate(asyncio.Protocol):
-    """Holds a connection during the TLS handshake and the identity check; keeps what the
-    server sends meanwhile for the real protocol."""
-
-    def __init__(self) -> None:
-        self.held: list[bytes] = []
-        self.eof = False
-        self.lost: Exception | None = None
-        self.closed = False
-
-    def data_received(self, data: bytes) -> None:
-        self.held.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.lost = exc
-
-    def hand_over(self, transport: Any, protocol: asyncio.BaseProtocol) -> None:
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self.held and isinstance(protocol, asyncio.Protocol):
-            protocol.data_received(b"".join(self.held))
-        if self.eof and isinstance(protocol, asyncio.Protocol) \
-                and not protocol.eof_received():
-            transport.close()
 
 
 def tls_labels(server_id: str | None = None, client_id: str | None = None
@@ -162,27 +133,36 @@ class Connector:
                       exc or "timed out")
             return None
 
-    async def _tcp(self, host: str, port: int, deadline: float) -> tuple[Any, _Gate]:
+    async def _tcp(self, host: str, port: int, deadline: float) -> Any:
         remaining = max(0.0, deadline - self.d.loop.time())
-        transport, gate = await asyncio.wait_for(
-            self.d.loop.create_connection(_Gate, host, port), remaining)
-        return transport, gate
+        transport, _ = await asyncio.wait_for(
+            self.d.loop.create_connection(asyncio.Protocol, host, port), remaining)
+        return transport
 
-    async def _start_tls(self, transport: Any, gate: _Gate, ctx: ssl.SSLContext,
-                         sni: str | None, deadline: float, what: str, kind: str) -> Any:
+    async def _start_tls(self, transport: Any, ctx: ssl.SSLContext, sni: str | None,
+                         deadline: float, what: str, kind: str) -> TlsTransport:
+        """The client side of a handshake on a connected transport; the caller's protocol
+        is attached later (:meth:`_attach`), so nothing is sent before the checks."""
         loop = self.d.loop
-        remaining = max(0.001, deadline - loop.time())
+        done: asyncio.Future[TlsTransport] = loop.create_future()
+
+        def ready(tls: TlsTransport) -> None:
+            if not done.done():
+                done.set_result(tls)
+
+        def failed(reason: str) -> None:
+            if not done.done():
+                done.set_exception(TlsConnectError(f"{what} failed: {reason}", kind))
+
+        session = TlsSession(ctx, transport, loop, on_ready=ready, on_error=failed,
+                             handshake_timeout=max(0.001, deadline - loop.time()),
+                             server_side=False, server_hostname=sni)
+        session.start(b"", False)
         try:
-            return await asyncio.wait_for(
-                loop.start_tls(transport, gate, ctx, server_hostname=sni,
-                               ssl_handshake_timeout=remaining), remaining)
-        except TimeoutError:
+            return await done  # the session's own timer bounds the wait
+        except asyncio.CancelledError:
             transport.abort()
-            raise TlsConnectError(f"{what} failed: the handshake did not finish in time",
-                                  kind) from None
-        except (ssl.SSLError, OSError, RuntimeError) as exc:
-            transport.abort()
-            raise TlsConnectError(f"{what} failed: {describe(exc)}", kind) from None
+            raise
 
     async def _mesh(self, identity: IdentityManager, factory: Factory, host: str,
                     dst: OrigDst, peer: MeshedPeer, deadline: float) -> tuple[Any, Any]:
@@ -194,9 +174,8 @@ class Connector:
             if ctx is None:
                 raise TlsConnectError(f"{what} failed: no certificate from the identity "
                                       "service yet", "mesh_tls_no_certificate")
-        transport, gate = await self._tcp(host, dst.port, deadline)
-        tls = await self._start_tls(transport, gate, ctx, None, deadline, what,
-                                    "mesh_tls_failed")
+        transport = await self._tcp(host, dst.port, deadline)
+        tls = await self._start_tls(transport, ctx, None, deadline, what, "mesh_tls_failed")
         sslobj = tls.get_extra_info("ssl_object")
         try:
             if sslobj.selected_alpn_protocol() != MESH_ALPN:
@@ -206,17 +185,17 @@ class Connector:
         except PeerIdentityError as exc:
             tls.abort()
             raise TlsConnectError(f"{what} failed: {exc}", "mesh_tls_identity") from None
-        return self._attach(tls, gate, factory, tls_labels(server_id=server_id), what)
+        return self._attach(tls, factory, tls_labels(server_id=server_id), what)
 
-    def _attach(self, tls: Any, gate: _Gate, factory: Factory,
+    def _attach(self, tls: TlsTransport, factory: Factory,
                 labels: tuple[tuple[str, str], ...], what: str) -> tuple[Any, Any]:
-        if gate.closed:
-            raise TlsConnectError(f"{what} failed: the server closed the connection after "
-                                  f"the handshake ({gate.lost or 'no reason given'})",
-                                  "tls_closed")
+        if tls.is_closing():
+            raise TlsConnectError(f"{what} failed: the server closed the connection right "
+                                  "after the handshake", "tls_closed")
         protocol = factory()
         relabel(self.d, protocol, labels)
-        gate.hand_over(tls, protocol)
+        tls.set_protocol(protocol)  # what the server sent meanwhile follows
+        protocol.connection_made(tls)
         return tls, protocol
 
     async def _originate(self, factory: Factory, host: str, dst: OrigDst,
@@ -225,10 +204,10 @@ class Connector:
         port = plan.port or dst.port
         what = f"TLS to {host}:{port} ({plan.sni})"
         ctx = self._origination_context(plan, alpn, what)
-        transport, gate = await self._tcp(host, port, deadline)
-        tls = await self._start_tls(transport, gate, ctx, plan.sni, deadline, what,
+        transport = await self._tcp(host, port, deadline)
+        tls = await self._start_tls(transport, ctx, plan.sni, deadline, what,
                                     "tls_origination_failed")
-        return self._attach(tls, gate, factory, tls_labels(), what)
+        return self._attach(tls, factory, tls_labels(), what)
 
     def _origination_context(self, plan: policy.Origination, alpn: str | None,
                              what: str) -> ssl.SSLContext:

@@ -8,9 +8,12 @@ Theory of operation. Every inbound connection whose protocol was detected comes 
   counted and closed. A hello offering the mesh ALPN is terminated with the proxy's mesh
   certificate (the client must present one); a hello to a port in ``inbound.tls_terminate``
   is terminated with that port's certificate; any other TLS is passed through untouched, as
-  a client without a mesh identity. Termination uses :class:`~appliance.net.tls_server.
-  TlsServer`; after the handshake, a fresh detection runs on the decrypted stream, and its
+  a client without a mesh identity. Termination uses :class:`~appliance.net.tls_session.
+  TlsSession`; after the handshake, a fresh detection runs on the decrypted stream, and its
   verdict comes back here with the client's identity.
+* **Opaque ports** skip protocol detection, but with identity on the first bytes are still
+  awaited briefly (:class:`TlsSniff`, up to a second) so that mesh TLS is terminated there
+  too; silence or other bytes are relayed as they are.
 * **Plaintext**, or the protocol inside terminated TLS: the port's clients
   (``inbound.authorization``, default from ``inbound.tls_mode``) decide. A connection
   without a mesh identity to a port that needs one is closed at once (``identity_required``).
@@ -33,7 +36,7 @@ from appliance.identity import policy
 from appliance.identity.tls import MESH_ALPN, peer_identity
 from appliance.net import tls_terminate
 from appliance.net.tls import tls_labels
-from appliance.net.tls_server import TlsServer, TlsTransport
+from appliance.net.tls_session import TlsSession, TlsTransport
 from appliance.protocols.detect import Protocol
 from appliance.protocols.tls import MAX_HELLO, ClientHello, ClientHelloError, parse_client_hello
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.tls")
 
 CLIENT_ID = b"l5d-client-id"
+SNIFF_TIMEOUT = 1.0  # opaque ports, identity on: how long to wait for a ClientHello
 GRPC_PERMISSION_DENIED = b"7"
 _MESH_ALPN = MESH_ALPN.encode()
 
@@ -139,6 +143,10 @@ def serve_inbound(acc: Accepted, protocol: Protocol, eof: bool) -> None:
     if peer is None and protocol is Protocol.TLS:
         HelloReader(acc, eof).start()
         return
+    if peer is None and protocol is Protocol.OPAQUE and not acc.buf and not eof \
+            and acc.d.identity is not None:
+        TlsSniff(acc).start()  # an opaque port: detection was skipped, TLS may still come
+        return
     serve_as(acc, protocol, eof, peer)
 
 
@@ -178,6 +186,60 @@ def serve_as(acc: Accepted, protocol: Protocol, eof: bool, peer: TlsPeer | None)
         acc.serve(protocol, eof, authz)
     finally:
         d.tls_labels = saved
+
+
+class TlsSniff(asyncio.Protocol):
+    """On an opaque port (no protocol detection) with identity on: wait up to
+    :data:`SNIFF_TIMEOUT` for the client's first bytes; a TLS ClientHello goes to
+    :class:`HelloReader` (mesh clients start TLS at once), anything else, or silence (a
+    server-speaks-first protocol), is relayed as it is."""
+
+    def __init__(self, acc: Accepted) -> None:
+        self.acc = acc
+        self.buf = b""
+        self.eof = False
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        d = self.acc.d
+        self.acc.transport.set_protocol(self)
+        self.timer = d.loop.call_later(min(SNIFF_TIMEOUT, d.config.detect.timeout),
+                                       self.decide)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not _maybe_tls(self.buf) or len(self.buf) >= 6:
+            self.decide()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.decide()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def decide(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        acc = self.acc
+        acc.buf = self.buf
+        if len(self.buf) >= 6 and _maybe_tls(self.buf) and self.buf[5] == 1:
+            HelloReader(acc, self.eof).start()
+        else:
+            serve_as(acc, Protocol.OPAQUE, self.eof, None)
+
+
+def _maybe_tls(buf: bytes) -> bool:
+    """Could ``buf`` be the start of a TLS handshake record?"""
+    return buf[:1] in (b"", b"\x16") and buf[1:2] in (b"", b"\x03")
 
 
 class HelloReader(asyncio.Protocol):
@@ -281,7 +343,7 @@ class HelloReader(asyncio.Protocol):
     def terminate(self, ctx: Any, *, mesh: bool) -> None:
         d = self.d
         self.closed = True  # the TLS server owns the connection from here
-        server = TlsServer(ctx, self.transport, d.loop, on_ready=lambda t: self.ready(t, mesh),
+        server = TlsSession(ctx, self.transport, d.loop, on_ready=lambda t: self.ready(t, mesh),
                            on_error=lambda reason: self.handshake_failed(reason, mesh),
                            handshake_timeout=d.config.detect.timeout)
         server.start(self.buf, self.eof)
@@ -301,5 +363,9 @@ class HelloReader(asyncio.Protocol):
         inner.transport = transport
         inner.dst = acc.dst
         inner.tls_peer = TlsPeer(client_id, mesh)
-        inner.timer = d.loop.call_later(d.config.detect.timeout, inner.detect_timeout)
         transport.set_protocol(inner)
+        assert acc.dst is not None
+        if acc.dst.port in d.config.detect.opaque_ports:
+            inner.hand_off(Protocol.OPAQUE, eof=False)  # no detection inside either
+        else:
+            inner.timer = d.loop.call_later(d.config.detect.timeout, inner.detect_timeout)

@@ -1,24 +1,28 @@
-"""Server-side TLS over a connection that is already accepted and partly read.
+"""TLS over a connection that is already open, driven by hand (MemoryBIO), both sides.
 
-Theory of operation. Protocol detection has consumed the client's first bytes (the
+Theory of operation. Inbound, protocol detection has consumed the client's first bytes (the
 ClientHello) before we know the connection is TLS, so ``loop.start_tls`` cannot be used:
-it would wait for a hello that has already been read. :class:`TlsServer` instead drives an
-``ssl.SSLObject`` over two ``MemoryBIO``s. It is the asyncio Protocol of the raw
-transport: bytes read go into the incoming BIO, bytes the SSLObject produces go out through
-the raw transport's ``write``. The bytes detection held are fed in first.
+it would wait for a hello that has already been read. Outbound, asyncio's TLS transports
+cannot half-close (``can_write_eof()`` is False), which an opaque relay needs.
+:class:`TlsSession` drives an ``ssl.SSLObject`` over two ``MemoryBIO``s instead, as server
+or client. It is the asyncio Protocol of the raw transport: bytes read go into the incoming
+BIO, bytes the SSLObject produces go out through the raw transport's ``write``. Bytes
+already read (the held ClientHello) are fed in first.
 
 After the handshake, ``on_ready(transport)`` receives a :class:`TlsTransport`: what the
 protocols above (detection, HTTP/1, HTTP/2, Thrift, the relay) talk to, with the transport
-API they use. Plaintext read is passed to the current inner protocol; what it writes is
-encrypted and sent. Flow control runs both ways: ``pause_reading`` on the TLS transport stops
-delivering and pauses the raw transport (decrypted bytes wait inside the SSLObject); the raw
-transport's ``pause_writing``/``resume_writing`` are passed to the inner protocol.
+API they use. ``on_ready`` may attach the inner protocol later (after checking the peer's
+identity, say): until then what arrives waits inside the SSLObject. Plaintext read is
+passed to the current inner protocol; what it writes is encrypted and sent. Flow control
+runs both ways: ``pause_reading`` on the TLS transport stops delivering and pauses the raw
+transport (decrypted bytes wait inside the SSLObject); the raw transport's
+``pause_writing``/``resume_writing`` are passed to the inner protocol.
 
 Closing: ``write_eof`` sends close_notify (TLS 1.3 allows reading on afterwards);
 ``close`` sends close_notify and closes the raw transport once its buffer is flushed. A
-close_notify or a TCP EOF from the client is the inner protocol's ``eof_received``. A
+close_notify or a TCP EOF from the peer is the inner protocol's ``eof_received``. A
 handshake that fails, or that does not finish within the timeout, calls ``on_error`` with a
-reason (never key material) and aborts the connection.
+reason (never key material) and closes the connection.
 """
 
 from __future__ import annotations
@@ -33,17 +37,19 @@ READ_SIZE = 256 * 1024
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 
 
-class TlsServer(asyncio.Protocol):
-    """The raw transport's protocol: runs the TLS server state machine."""
+class TlsSession(asyncio.Protocol):
+    """The raw transport's protocol: runs the TLS state machine (server or client)."""
 
     def __init__(self, context: ssl.SSLContext, raw: Any, loop: asyncio.AbstractEventLoop, *,
                  on_ready: Callable[[TlsTransport], None], on_error: Callable[[str], None],
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, server_side: bool = True,
+                 server_hostname: str | None = None) -> None:
         self.raw = raw
         self.loop = loop
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                       server_hostname=server_hostname)
         self.on_ready = on_ready
         self.on_error = on_error
         self.handshake_timeout = handshake_timeout
@@ -92,7 +98,7 @@ class TlsServer(asyncio.Protocol):
         state, self.state = self.state, _CLOSED
         self._cancel_timer()
         if state == _HANDSHAKE:
-            self.on_error("the connection was lost during the TLS handshake")
+            self.on_error("the connection was closed during the TLS handshake")
         elif self.app is not None:
             self.app.connection_lost(exc)
 
@@ -125,7 +131,7 @@ class TlsServer(asyncio.Protocol):
         self._flush()
         self.state = _OPEN
         self.on_ready(self.transport)
-        if self.state == _OPEN and not self.closing:
+        if self.state == _OPEN and not self.closing and self.app is not None:
             self._read()
 
     def _read(self) -> None:
@@ -134,7 +140,7 @@ class TlsServer(asyncio.Protocol):
         The protocol is looked up for every piece: one that hands the connection to
         another (detection -> HTTP/1) makes the rest go to the new one."""
         while self.state == _OPEN and not self.read_paused and not self.closing \
-                and not self.eof_in:
+                and not self.eof_in and self.app is not None:
             try:
                 data = self.sslobj.read(READ_SIZE)
             except ssl.SSLWantReadError:
@@ -151,13 +157,18 @@ class TlsServer(asyncio.Protocol):
             self.app.data_received(data)
         self._flush()  # a read may produce output (key updates, session tickets)
         if self.eof_in and not self.eof_told and not self.read_paused \
-                and self.state == _OPEN and not self.closing:
+                and self.state == _OPEN and not self.closing and self.app is not None:
             self._tell_eof()
 
     def _tell_eof(self) -> None:
         self.eof_told = True
-        if self.app is None or not self.app.eof_received():
+        if not self.app.eof_received():
             self.transport.close()
+
+    @property
+    def closed(self) -> bool:
+        """The connection is gone (or going): nothing more will be read or written."""
+        return self.state == _CLOSED or self.closing
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.state != _OPEN or self.closing or self.eof_out or not data:
@@ -244,7 +255,7 @@ def _reason(exc: Exception) -> str:
 class TlsTransport(asyncio.Transport):
     """What the inner protocol sees: a transport that encrypts on write."""
 
-    def __init__(self, server: TlsServer) -> None:
+    def __init__(self, server: TlsSession) -> None:
         super().__init__()
         self._tls = server
 
@@ -266,10 +277,13 @@ class TlsTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         tls = self._tls
+        first = tls.app is None
         tls.app = protocol
         if tls.raw_write_paused and not tls.app_write_paused:
             tls.app_write_paused = True
             protocol.pause_writing()
+        if first and tls.state == _OPEN:
+            tls.loop.call_soon(tls._read)  # what arrived before anyone listened
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._tls.app  # type: ignore[no-any-return]
