@@ -440,8 +440,8 @@ def test_unknown_headless_and_external_name_are_neg() -> None:
 
 
 def test_service_created_scaled_and_deleted() -> None:
-    """neg, then bound when the Service appears, rescaled with its slices, neg again when
-    deleted (and its slice source stopped)."""
+    """neg, then bound when the Service appears (neg, not pending, while its slices are
+    listed), rescaled with its slices, neg again when deleted (its slice source stopped)."""
     async def scenario(api: FakeK8s, namer: ClusterIPNamer, harness: Harness) -> None:
         log = StateLog(namer.watch(VIP))
         await log.until(neg)
@@ -458,6 +458,8 @@ def test_service_created_scaled_and_deleted() -> None:
         assert namer.slice_sources == 0
         await until(lambda: [t.cancelled() for t in harness.tasks] == [False, True])
         assert harness.failures() == []
+        # never pending again once answered: the router waits for discovery only once
+        assert [s.kind for s in log.states].count("pending") == 1
     run(scenario)
 
 

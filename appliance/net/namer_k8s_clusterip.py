@@ -10,7 +10,10 @@ watched address maps to the service any more); its changes re-compute the addres
 use it. Each name's state is computed from scratch from the index and the slices
 (:func:`~appliance.discovery.k8s_clusterip.resolve`, ``target_state``), then degraded by
 whichever of its sources is failing (the last good set, stale), and pushed only when it
-differs. The loops are :func:`appliance.net.namer_k8s.list_watch`, the same as the
+differs. A name never goes back to ``pending``: when an address starts to map to a service
+whose slices are not listed yet, it keeps its last state (``neg``: requests still go to
+the original destination) for the moment that list takes; the router only waits for
+discovery the first time. The loops are :func:`appliance.net.namer_k8s.list_watch`, the same as the
 ``io.l5d.k8s`` namer's, with the same authentication.
 """
 
@@ -189,6 +192,8 @@ class ClusterIPNamer(Namer):
         for source in self._services:
             if source.machine.failing:
                 state = degrade(state, source.error)
+        if state.kind == "pending" and entry.watch.state.kind != "pending":
+            return  # a new slice source is listing: keep the last answer until it has
         entry.watch.set(state)
 
     def _target_state(self, target: Target) -> AddrState:
