@@ -345,7 +345,8 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     namers: tuple[Mapping[str, Any], ...] = ()
     """Service-discovery sources, each a mapping with ``kind`` (``static``, ``io.l5d.fs``,
-    ``dns``, ``dns-srv``, ``io.l5d.consul``, ``io.l5d.k8s``) and its options
+    ``dns``, ``dns-srv``, ``io.l5d.consul``, ``io.l5d.k8s``, ``io.l5d.k8s.clusterip``) and its
+    options
     (docs/discovery.md). A dtab reaches one as ``/#/<kind>`` (or its ``prefix``)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""

@@ -36,6 +36,7 @@ MODULES: dict[str, str] = {
     "dns-srv": "appliance.net.namer_dns",
     "io.l5d.consul": "appliance.net.namer_consul",
     "io.l5d.k8s": "appliance.net.namer_k8s",
+    "io.l5d.k8s.clusterip": "appliance.net.namer_k8s_clusterip",
 }
 """Config ``kind`` to the module that registers it when imported."""
 

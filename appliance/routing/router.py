@@ -135,8 +135,12 @@ class Service:
             self.balancer.update({a.key: (a.weight, a.meta) for a in state.addrs})
         elif state.kind == "neg":
             self.balancer.update({})
-        if state.kind != "pending" and self._ready is not None and not self._ready.done():
-            self._ready.set_result(None)
+        ready = self._ready
+        if state.kind != "pending":
+            if ready is not None and not ready.done():
+                ready.set_result(None)
+        elif ready is not None and ready.done():
+            self._ready = None  # pending again: the next request waits anew
 
     def budget(self, policy: Any) -> Any:
         """The retry budget of this service (one per set of budget parameters, shared by
