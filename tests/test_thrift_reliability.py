@@ -248,3 +248,25 @@ def test_unreachable_endpoint_is_routed_around_for_any_method() -> None:
     finally:
         p.stop()
         a.close()
+
+
+def test_idle_pooled_upstreams_close_after_the_pool_timeout() -> None:
+    """http.pool_idle_timeout=0.3 s: once the client has gone, its upstream connection
+    is closed within a few ticks."""
+    server = EchoServer("framed-binary")
+    p = InProcessProxy({}, **{"outbound.orig_dst_override": f"127.0.0.1:{server.port}",
+                              "http.pool_idle_timeout": "300ms"})
+    try:
+        c = client("framed-binary", p.outbound)
+        try:
+            assert c.ping() == "pong"
+        finally:
+            c.close()
+        assert p.metric("tcp_open_total", protocol="thrift", peer="dst") == 1
+        deadline = time.monotonic() + 5
+        while p.metric("tcp_close_total", protocol="thrift", peer="dst") < 1:
+            assert time.monotonic() < deadline, "the idle upstream was never closed"
+            time.sleep(0.05)
+    finally:
+        p.stop()
+        server.close()

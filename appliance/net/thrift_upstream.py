@@ -178,6 +178,7 @@ class ThriftPool:
         up.pooled = True
         up.idle_since = self.shared.d.loop.time()
         conns.append(up)
+        self.shared.ticking()  # so it is closed when idle, even with no client left
 
     def forget(self, up: ThriftUpstream) -> None:
         conns = self.free.get(up.key)
@@ -243,6 +244,9 @@ class ThriftShared:
     # --- the sweep -------------------------------------------------------------------------
     def attach(self, server: ThriftServer) -> None:
         self.conns.add(server)
+        self.ticking()
+
+    def ticking(self) -> None:
         if self._timer is None:
             self._timer = self.d.loop.call_later(TICK, self.sweep)
 
