@@ -296,6 +296,27 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ThriftConfig:
+    max_frame_bytes: int = 16 * 1024 * 1024
+    """Largest Thrift message (framed or buffered) accepted; larger closes the connection
+    (counted as ``thrift_too_large``)."""
+    method_in_dst: bool = False
+    """Append the method to the logical name (``/svc/<authority>/<method>``), as linkerd's
+    ``thriftMethodInDst``, so a dtab can route per method."""
+    idempotent_methods: frozenset[str] = frozenset()
+    """Methods that may be retried after an exception or a lost connection (a list, or
+    names separated by commas)."""
+    response_timeout: float = 60.0
+    """Seconds to wait for a call's reply; then the caller gets a TApplicationException.
+    0 turns it off."""
+    max_retries: int = 2
+    """Retries of one call (idempotent methods, or calls never sent); 0 turns them off."""
+    max_pending_per_connection: int = 1
+    """Calls of one client connection sent upstream before the earlier ones are answered
+    (1: in order, one at a time, the safe default for servers that do not pipeline)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TracingConfig:
     """The same settings as the standard OpenTelemetry variables, for the config file; an
     ``OTEL_*`` variable that is set wins over the field. Tracing is on when an endpoint is
@@ -342,6 +363,7 @@ class Config:
     ``prefix`` and any ``service`` fields, e.g. ``[{prefix: /svc/web, timeout: 2s,
     classifier: io.l5d.http.retryableRead5XX}]``; the longest matching prefix wins."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    thrift: ThriftConfig = field(default_factory=ThriftConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     namers: tuple[Mapping[str, Any], ...] = ()
     """Service-discovery sources, each a mapping with ``kind`` (``static``, ``io.l5d.fs``,
@@ -491,6 +513,10 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
         return text
     if leaf == "namers":
         return parse_namers(name, value)
+    if leaf == "idempotent_methods":
+        return _parse_names(name, value)
+    if leaf == "max_retries":
+        return _parse_int(name, value, 0)
     if leaf == "dtab":
         return _check_dtab(name, str(value))
     if leaf == "identifier":
@@ -610,6 +636,15 @@ def _check_namers(name: str, namers: tuple[Mapping[str, Any], ...]) -> None:
         raise ConfigError(text if text.startswith(name) else f"{name}: {text}") from None
     for namer in built.values():
         namer.close()
+
+
+def _parse_names(name: str, value: Any) -> frozenset[str]:
+    """A set of names from a list or a string like "get, list"."""
+    items = re.split(r"[,\s]+", value.strip()) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple | set | frozenset) or \
+            not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{name}: {value!r} is not a list of names")
+    return frozenset(i for i in items if i)
 
 
 def _check_dtab(name: str, text: str) -> str:

@@ -33,6 +33,7 @@ from appliance.admin.server import AdminRequest, Route, start_admin
 from appliance.config import Config
 from appliance.identity.manager import IdentityManager
 from appliance.net.listener import Direction, start_listener
+from appliance.net.thrift_upstream import close_all as thrift_close_all
 from appliance.telemetry.accesslog import AccessLog, open_access_log
 from appliance.telemetry.metrics import Registry
 from appliance.telemetry.tracing import OFF, from_environ
@@ -187,6 +188,7 @@ class Proxy:
                 h2conn.close()
             for relay in list(d.relays):
                 relay.close()
+            thrift_close_all(d)
             d.pool.close_all()
             d.h2pool.close_all()
             d.close_router()
