@@ -15,6 +15,9 @@ while it runs:
 Every request it reads is recorded (method, target, body length, body digest), so tests
 can say exactly what reached it and how many times. Bodies are answered with the replica's
 name, so the client knows which replica served it.
+
+:class:`GrpcBackend` is the same for gRPC (grpcio, no protoc): ``/test.Echo/Unary`` answers
+``<name>:<request>``, or UNAVAILABLE for ``fail_share`` of the calls (trailers-only).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import h11
 
-__all__ = ["Fault", "FaultyBackend", "Seen"]
+__all__ = ["Fault", "FaultyBackend", "GrpcBackend", "Seen"]
 
 
 @dataclass
@@ -76,6 +79,7 @@ class FaultyBackend:
     # --- the server -------------------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
+        self._stop = asyncio.Event()
         self.server = self.loop.run_until_complete(
             asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024))
         self.port = int(self.server.sockets[0].getsockname()[1])
@@ -141,7 +145,8 @@ class FaultyBackend:
             self.seen.append(seen)
             failing = fault.fail_share > 0 and self.rng.random() < fault.fail_share
         if fault.blackhole:
-            await asyncio.Event().wait()  # never answers (cancelled when the backend closes)
+            await self._stop.wait()  # never answers; the backend is closing
+            return False
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.reset_after_request:
@@ -177,12 +182,10 @@ class FaultyBackend:
 
     def close(self) -> None:
         async def shut() -> None:
+            self._stop.set()
             self.server.close()
             for writer in list(self._open):
                 writer.transport.abort()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
         if self.loop.is_running():
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -201,3 +204,57 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+class GrpcBackend:
+    """A grpcio server with ``/test.Echo/Unary``; failing or slow on demand."""
+
+    def __init__(self, name: str, fault: Fault | None = None, *, seed: int = 1) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        self.name = name
+        self.fault = fault or Fault()
+        self.rng = random.Random(seed)
+        self.seen: list[Seen] = []
+        self._lock = threading.Lock()
+        self._grpc = grpc
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        handler = grpc.unary_unary_rpc_method_handler(self._unary)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Echo", {"Unary": handler}),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _unary(self, request: bytes, context: object) -> bytes:
+        fault = self.fault
+        with self._lock:
+            self.seen.append(Seen("POST", "/test.Echo/Unary", len(request),
+                                  hashlib.sha256(request).hexdigest()[:16]))
+            failing = fault.fail_share > 0 and self.rng.random() < fault.fail_share
+        if fault.delay:
+            import time
+
+            time.sleep(fault.delay)
+        if failing:
+            context.abort(self._grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
+                          f"{self.name} is failing")
+        return f"{self.name}:".encode() + request[:32]
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.seen)
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+    def __enter__(self) -> GrpcBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

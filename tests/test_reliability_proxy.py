@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from faulty import Fault, FaultyBackend
+from faulty import Fault, FaultyBackend, GrpcBackend
 from support import ProxyProcess, free_port, wait_for
 
 Answer = tuple[int, bytes, str, float]  # status, body, l5d-proxy-error, seconds
@@ -386,3 +386,115 @@ def test_endpoint_limit_sends_the_request_elsewhere(trio) -> None:  # type: igno
             t.join(10)
         assert results == [200, 200]
         assert a.count() == 1 and b.count() == 1
+
+
+# --- HTTP/2 and gRPC ------------------------------------------------------------------------
+
+def grpc_call(port: int, body: bytes = b"hi", timeout: float = 10.0,
+              metadata: tuple[tuple[str, str], ...] = ()) -> tuple[str, bytes | str]:
+    """One unary call through the proxy to /svc/web: ("OK", reply) or (code name, details)."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}",
+                               options=[("grpc.default_authority", "web")]) as channel:
+        try:
+            reply = channel.unary_unary("/test.Echo/Unary")(body, timeout=timeout,
+                                                            metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or ""
+        return "OK", reply
+
+
+@pytest.fixture
+def grpc_pair() -> Iterator[tuple[GrpcBackend, GrpcBackend]]:
+    a, b = GrpcBackend("a"), GrpcBackend("b")
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_grpc_unavailable_is_retried_with_its_body(grpc_pair) -> None:  # type: ignore[no-untyped-def]
+    """A replica answering UNAVAILABLE: the default gRPC classifier retries the call (a
+    POST with a small body) on the other replica, the same bytes; with neverRetryable
+    the client gets UNAVAILABLE."""
+    a, b = grpc_pair
+    a.fault = Fault(fail_share=1.0)
+    body = bytes(range(256)) * 40
+    with routed(a, b, settings=("balancer.kind=round_robin",
+                                "balancer.consecutive_failures=1000")) as p:
+        results = [grpc_call(p.outbound, body) for _ in range(6)]
+        assert all(code == "OK" and reply == b"b:" + body[:32] for code, reply in results)
+        assert b.count() == 6 and a.count() >= 1
+        assert len({s.digest for s in a.seen + b.seen}) == 1
+        assert p.metric("retry_total", reason="response") == a.count()
+    with routed(a, b, settings=("balancer.kind=round_robin",
+                                "service.grpc_classifier=io.l5d.h2.grpc.neverRetryable")) as p:
+        codes = sorted(grpc_call(p.outbound, body)[0] for _ in range(4))
+        assert codes == ["OK", "OK", "UNAVAILABLE", "UNAVAILABLE"]
+        assert p.metric("retry_total") == 0
+
+
+def test_grpc_large_message_is_never_replayed(grpc_pair) -> None:  # type: ignore[no-untyped-def]
+    """A 1 MiB message answered UNAVAILABLE is not sent again: the client gets it."""
+    a, b = grpc_pair
+    a.fault = b.fault = Fault(fail_share=1.0)
+    with routed(a, b) as p:
+        code, _ = grpc_call(p.outbound, b"\x01" * (1 << 20))
+        assert code == "UNAVAILABLE"
+        assert a.count() + b.count() == 1
+        assert p.metric("retry_skipped_total", reason="body") == 1
+
+
+def test_grpc_unsent_call_is_requeued(grpc_pair) -> None:  # type: ignore[no-untyped-def]
+    """An endpoint refusing connections: gRPC calls to it go to the live one."""
+    a, _ = grpc_pair
+    dead = free_port()
+    p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{free_port()}",
+                     "routing.dtab=/svc/web => /#/static/web",
+                     f"namers=[{{kind: static, services: {{web: ['{a.address}', "
+                     f"'127.0.0.1:{dead}']}}}}]", "balancer.kind=round_robin")
+    try:
+        assert [grpc_call(p.outbound)[0] for _ in range(4)] == ["OK"] * 4
+        assert a.count() == 4
+        assert p.metric("retry_total", reason="unsent") >= 1
+    finally:
+        assert p.stop() == 0
+
+
+def test_grpc_route_timeout_and_ctx_deadline(grpc_pair) -> None:  # type: ignore[no-untyped-def]
+    """service.timeout bounds a gRPC call (DEADLINE_EXCEEDED); grpc-timeout goes on as
+    the remaining time, never more than the client gave."""
+    a, _ = grpc_pair
+    a.fault = Fault(delay=1.5)
+    with routed(a, settings=("service.timeout=400ms",)) as p:
+        started = time.monotonic()
+        code, details = grpc_call(p.outbound)
+        assert code == "DEADLINE_EXCEEDED" and "deadline exceeded (timeout)" in str(details)
+        assert time.monotonic() - started < 1.4
+        now = time.time_ns()
+        past = (("l5d-ctx-deadline", f"{now - 2_000_000_000} {now - 1_000_000_000}"),)
+        before = a.count()
+        code, details = grpc_call(p.outbound, metadata=past)
+        assert code == "DEADLINE_EXCEEDED" and "before the request was sent" in str(details)
+        assert a.count() == before
+
+
+def test_grpc_over_the_limit_is_unavailable_at_once(grpc_pair) -> None:  # type: ignore[no-untyped-def]
+    """max_requests=1 and no queue: a second concurrent call gets UNAVAILABLE (load shed)
+    at once, trailers-only, while the first completes."""
+    a, _ = grpc_pair
+    a.fault = Fault(delay=1.0)
+    with routed(a, settings=("limits.max_requests=1", "limits.max_queue=0")) as p:
+        first: list[tuple[str, bytes | str]] = []
+        t = threading.Thread(target=lambda: first.append(grpc_call(p.outbound)))
+        t.start()
+        wait_for(lambda: a.count() == 1, timeout=5, what="the first call in flight")
+        started = time.monotonic()
+        code, details = grpc_call(p.outbound)
+        assert code == "UNAVAILABLE" and "load shed" in str(details)
+        assert time.monotonic() - started < 0.9
+        t.join(10)
+        assert first and first[0][0] == "OK"
+        assert p.metric("proxy_errors_total", error="shed_requests") == 1

@@ -342,14 +342,16 @@ def respond_error(stream: H2Stream, status: int, cause: str, *,
         stream.up.stream_done(stream)
 
 
-def deadline_passed(stream: H2Stream) -> None:
-    """The call's grpc-timeout ran out: cancel upstream, answer DEADLINE_EXCEEDED."""
+def deadline_passed(stream: H2Stream, source: str = "grpc-timeout") -> None:
+    """The stream's deadline (``source``: grpc-timeout, l5d-ctx-deadline, or the route's
+    timeout) ran out: cancel upstream, answer 504 (gRPC: DEADLINE_EXCEEDED)."""
     stream.deadline = None
     if stream.done:
         return
     server = stream.server
-    server.d.registry.error(server.d.name, "grpc_deadline")
+    server.d.registry.error(server.d.name, "grpc_deadline" if source == "grpc-timeout"
+                            else "deadline_exceeded")
     cancel_upstream(stream, CANCEL)
-    respond_error(stream, 504, "deadline exceeded (grpc-timeout)",
+    respond_error(stream, 504, f"deadline exceeded ({source})",
                   grpc_status=GRPC_DEADLINE_EXCEEDED)
     flush_all()

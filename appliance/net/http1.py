@@ -588,7 +588,9 @@ class Exchange:
             self.deadline = deadline
             stamp_deadline(self.head.headers, deadline)
         if d.name == "outbound" and policy.max_retries:
-            self.attempts = Attempts(policy, d.rng)
+            attempts = self.attempts = Attempts(policy, d.rng)
+            for part in self.pending:  # body parts that came while the request waited
+                attempts.keep(part)
             service = target.service if target is not None else None
             budget = self.budget = (service.budget(policy) if service is not None
                                     else d.policies.dst_budget(self.dst, policy))

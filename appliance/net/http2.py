@@ -11,35 +11,51 @@ A client that sends but does not read makes its connection's write buffer grow; 
 then on (``pause_writing``) no DATA is sent to it, so the upstream is not read for it
 either, and the control-frame answers it keeps asking for (PING and SETTINGS ACKs) are
 counted: past ``_ANSWER_BACKLOG`` of them the connection is dropped.
+
+Reliability (docs/reliability.md): each stream takes an in-flight slot of the direction's
+limiter (or waits in its queue, or gets 503 / gRPC UNAVAILABLE at once), then
+:meth:`Http2Server.send` gives it its deadline (route timeout, ``l5d-ctx-deadline``,
+``grpc-timeout``: the earliest; already past: 504 / DEADLINE_EXCEEDED without calling
+upstream) and, outbound, its retry state. A stream is retried when its response head says
+so (an HTTP 5xx, or a trailers-only gRPC status, that the classifier calls retryable) before
+anything of that response went to the client, with the request parts replayed (bodies up to
+``retry_buffer_bytes``); a stream that never reached its upstream (the connection failed)
+is requeued to another endpoint (:meth:`Http2Server.requeue`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING, Any
 
 from appliance.net.addr import OrigDst
 from appliance.net.h2stream import (
+    GRPC_DEADLINE_EXCEEDED,
     GRPC_INTERNAL,
     H2Stream,
     cancel_upstream,
     deadline_passed,
     drain,
     flush_all,
-    format_grpc_timeout,
     log,
     parse_grpc_timeout,
     respond_error,
     to_upstream,
     touch,
 )
+from appliance.net.route import request_deadline, stamp_deadline
 from appliance.protocols.h2conn import H2Connection, H2Error, Stream
 from appliance.protocols.h2frames import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, REFUSED_STREAM
 from appliance.protocols.h2guard import H2Guard
 from appliance.protocols.h2send import HALF_LOCAL
+from appliance.resilience.classify import ResponseClass, parse_grpc_status
+from appliance.resilience.policy import NOT_RETRYABLE, Attempts
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
+    from appliance.resilience.budget import RetryBudget
+    from appliance.resilience.deadline import Deadline
 
 # PING/SETTINGS ACKs a client may have us queue while it does not read what we send.
 _ANSWER_BACKLOG = 256
@@ -110,12 +126,8 @@ class Http2Server(asyncio.Protocol):
             self.opening = []
             router = self.d.router
             for stream in opening:
-                if stream.done:
-                    continue
-                if router is None:
-                    self.d.h2pool.attach(stream, self.dst)
-                else:
-                    self.route(router, stream)
+                if not stream.done:
+                    self.admit(stream, router)
         if conn.out:
             touch(self)
 
@@ -136,7 +148,7 @@ class Http2Server(asyncio.Protocol):
             self.d.spawn(self.await_discovery(router, stream, routed))
             return
         stream.target = routed
-        self.d.h2pool.attach(stream, routed.dst)
+        self.send(stream, routed.dst)
 
     async def await_discovery(self, router: Any, stream: H2Stream, pending: Any) -> None:
         from appliance.routing.router import Pending, RouteError
@@ -159,7 +171,7 @@ class Http2Server(asyncio.Protocol):
                                        f"{'/'.join(pending.service.id)}")
         elif routed is not None:
             stream.target = routed
-            self.d.h2pool.attach(stream, routed.dst)
+            self.send(stream, routed.dst)
         self.flush()
         flush_all()
 
@@ -238,6 +250,8 @@ class Http2Server(asyncio.Protocol):
     def on_data(self, s: Stream, data: bytes, flow: int, end: bool) -> None:
         stream = s.user
         if stream is not None:
+            if self.retrying:
+                self.keep(stream, data, end)
             to_upstream(stream, data, end, flow)
         else:
             self.conn.ack(s, flow)
@@ -245,6 +259,8 @@ class Http2Server(asyncio.Protocol):
     def on_trailers(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
         stream = s.user
         if stream is not None:
+            if self.retrying:
+                self.keep(stream, headers, True)
             to_upstream(stream, headers, True, 0)
 
     def on_info(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
@@ -257,6 +273,7 @@ class Http2Server(asyncio.Protocol):
         s.user = None
         self.streams.pop(s.sid, None)
         stream.done = True
+        self.release(stream)
         if stream.target is not None:
             stream.target.done(True)  # the client's choice, not the endpoint's failure
         now = self.d.loop.time()
@@ -274,6 +291,7 @@ class Http2Server(asyncio.Protocol):
         if s is not None and stream is not None:
             s.user = None
             stream.done = True
+            self.release(stream)
             if stream.target is not None:
                 stream.target.done(True)  # the client's request was at fault
             self.streams.pop(sid, None)
@@ -302,20 +320,181 @@ class Http2Server(asyncio.Protocol):
 
     # --- gRPC deadlines -----------------------------------------------------------------
     def apply_grpc_timeout(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Arm the call's deadline from ``grpc-timeout``; False if the value is invalid."""
-        for i, (name, value) in enumerate(headers):
-            if name != b"grpc-timeout":
-                continue
-            seconds = parse_grpc_timeout(value)
-            if seconds is None:
+        """Check the call's ``grpc-timeout``; False (answered) if the value is invalid. The
+        deadline itself is armed by :meth:`send`, with the other sources."""
+        for name, value in headers:
+            if name == b"grpc-timeout" and parse_grpc_timeout(value) is None:
                 self.d.registry.error(self.d.name, "grpc_timeout_invalid")
                 respond_error(stream, 400, f"invalid grpc-timeout {value!r}",
                               grpc_status=GRPC_INTERNAL)
                 return False
-            # What is forwarded is what is left, measured from when we send it (now).
-            headers[i] = (name, format_grpc_timeout(seconds))
-            stream.deadline = self.d.loop.call_later(seconds, deadline_passed, stream)
         return True
+
+    # --- reliability: slots, deadlines, retries (docs/reliability.md) ----------------------
+    held: set[H2Stream] | frozenset[H2Stream] = frozenset()  # streams holding a slot
+    queued: dict[H2Stream, _Queued] = {}  # replaced per connection on first use
+    retrying: dict[H2Stream, _Retry] = {}
+
+    def admit(self, stream: H2Stream, router: Any) -> None:
+        """Take an in-flight slot (or wait for one, or be shed), then route and send."""
+        limiter = self.d.limiter
+        if limiter.acquire():
+            self.hold(stream)
+            self.go(stream, router)
+            return
+        waiter = _Queued(self, stream)
+        if limiter.enqueue(waiter):
+            if not self.queued:
+                self.queued = {}
+            self.queued[stream] = waiter
+        else:
+            waiter.shed("limits.max_requests in flight and the queue is full",
+                        "shed_requests")
+
+    def hold(self, stream: H2Stream) -> None:
+        if not self.held:
+            self.held = set()
+        self.held.add(stream)  # type: ignore[union-attr]
+
+    def go(self, stream: H2Stream, router: Any) -> None:
+        if router is None:
+            self.send(stream, self.dst)
+        else:
+            self.route(router, stream)
+
+    def send(self, stream: H2Stream, dst: OrigDst) -> None:
+        """Before the first attempt: the deadline (504 if past) and the retry state."""
+        d, target = self.d, stream.target
+        policy = d.policies.for_path(target.path if target is not None else None)
+        deadline = request_deadline(stream.headers, policy.timeout, d.loop.time,  # type: ignore[arg-type]
+                                    grpc=stream.grpc)
+        if deadline is not None:  # unbounded: malformed headers, dropped by the stamp
+            if deadline.expired():
+                if target is not None:
+                    target.abandon()
+                d.registry.error(d.name, "deadline_exceeded")
+                respond_error(stream, 504, "deadline exceeded before the request was sent "
+                                           f"({deadline.source})",
+                              grpc_status=GRPC_DEADLINE_EXCEEDED)
+                return
+            stream.headers = headers = list(stream.headers)
+            stamp_deadline(headers, deadline, grpc=stream.grpc)
+            if deadline.bounded:
+                stream.deadline = d.loop.call_at(deadline.at, deadline_passed, stream,
+                                                  deadline.source)
+        if d.name == "outbound" and policy.max_retries:
+            service = target.service if target is not None else None
+            budget = (service.budget(policy) if service is not None
+                      else d.policies.dst_budget(dst, policy))
+            budget.deposit()
+            if not self.retrying:
+                self.retrying = {}
+            attempts = Attempts(policy, d.rng)
+            for part, end, _ in stream.early:  # parts that came with the head
+                attempts.keep((part, end), len(part) if part.__class__ is bytes else 0)
+            self.retrying[stream] = _Retry(attempts, budget, deadline, dst)
+        d.h2pool.attach(stream, dst)
+
+    def keep(self, stream: H2Stream, part: Any, end: bool) -> None:
+        """A request part on its way upstream: kept for a replay while retries are possible."""
+        state = self.retrying.get(stream)
+        if state is not None:
+            state.attempts.keep((part, end), len(part) if part.__class__ is bytes else 0)
+
+    def success(self, stream: H2Stream) -> bool:
+        """A failed-looking response's verdict by the classifier (``allSuccessful``, gRPC
+        ``success_grpc_codes``)."""
+        target = stream.target
+        policy = self.d.policies.for_path(target.path if target is not None else None)
+        if stream.grpc:
+            code = parse_grpc_status(stream.grpc_status) if stream.grpc_status else None
+            return policy.grpc_classifier.classify(b"POST", stream.status, code).ok
+        return policy.classifier.classify(b"GET", stream.status).ok
+
+    def release(self, stream: H2Stream) -> None:
+        """The stream is over: its slot goes to the next waiter; its retry state goes."""
+        if self.retrying:
+            self.retrying.pop(stream, None)
+        if self.queued:
+            waiter = self.queued.pop(stream, None)
+            if waiter is not None:
+                self.d.limiter.cancel(waiter)
+        if stream in self.held:
+            self.held.discard(stream)  # type: ignore[union-attr]
+            waiter = self.d.limiter.release()
+            if waiter is not None:
+                self.d.loop.call_soon(waiter.admitted)
+
+    def retry_head(self, stream: H2Stream, headers: list[tuple[bytes, bytes]],
+                   end: bool) -> bool:
+        """The response head arrived: True if the stream is retried instead (the head is
+        then dropped; nothing of it reached the client)."""
+        state = self.retrying.get(stream)
+        if state is None or stream.response_started:
+            return False
+        status = int(headers[0][1])
+        policy = state.attempts.policy
+        if stream.grpc:
+            if not end and status == 200:
+                return False  # the gRPC status will come in the trailers: too late
+            code = next((v for n, v in headers if n == b"grpc-status"), None)
+            verdict = policy.grpc_classifier.classify(b"POST", status, parse_grpc_status(code))
+        elif status < 500:
+            return False
+        else:
+            method = next((v for n, v in stream.headers if n == b":method"), b"")
+            verdict = policy.classifier.classify(method, status)
+        return verdict.retryable and self.retry(stream, state, "response", verdict)
+
+    def requeue(self, stream: H2Stream) -> bool:
+        """The stream's upstream connection failed before the stream was opened on it:
+        send it to another endpoint (True), if its policy allows."""
+        state = self.retrying.get(stream)
+        if state is None or stream.response_started:
+            return False
+        return self.retry(stream, state, "unsent", ResponseClass.RETRYABLE_FAILURE)
+
+    def retry(self, stream: H2Stream, state: _Retry, reason: str,
+              verdict: ResponseClass) -> bool:
+        d, deadline = self.d, state.deadline
+        sent = reason != "unsent"
+        delay = state.attempts.next_delay(
+            verdict, sent=sent, budget=state.budget,
+            remaining=deadline.remaining() if deadline is not None else math.inf)
+        if isinstance(delay, str):
+            if delay != NOT_RETRYABLE:
+                d.registry.retry_skipped(d.name, delay)
+            return False
+        target = stream.target
+        if target is not None:
+            target.done(False)
+            again = target.again()
+            if again is None:
+                return False
+            stream.target, state.dst = again, again.dst
+        d.registry.retry(d.name, reason)
+        if sent:
+            replay = state.attempts.replay
+            queued = stream.to_up
+            cancel_upstream(stream, CANCEL)
+            for item in queued:  # never sent: credit the client now, they are replayed
+                if item[2]:
+                    self.conn.ack(stream.cs, item[2])
+            touch(self)
+            stream.up = stream.us = None
+            stream.to_up = stream.to_down = ()
+            stream.early = [(part, end, 0) for part, end in replay or ()]
+        d.loop.call_later(delay, self.resend, stream, state)
+        return True
+
+    def resend(self, stream: H2Stream, state: _Retry) -> None:
+        if stream.done:
+            return
+        if state.deadline is not None:
+            stamp_deadline(stream.headers, state.deadline,  # type: ignore[arg-type]
+                           grpc=stream.grpc)
+        self.d.h2pool.attach(stream, state.dst)
+        flush_all()
 
     # --- the transport ------------------------------------------------------------------
     def pause_writing(self) -> None:
@@ -331,8 +510,12 @@ class Http2Server(asyncio.Protocol):
 
     def stream_done(self, stream: H2Stream) -> None:
         stream.done = True
-        if stream.target is not None:
-            stream.target.done(0 < stream.status < 500 and stream.grpc_status in (b"", b"0"))
+        self.release(stream)
+        target = stream.target
+        if target is not None:
+            status, grpc_status = stream.status, stream.grpc_status
+            target.done((0 < status < 500 and grpc_status in (b"", b"0"))
+                        or (status > 0 and self.success(stream)))
         if stream.deadline is not None:
             stream.deadline.cancel()
             stream.deadline = None
@@ -367,6 +550,7 @@ class Http2Server(asyncio.Protocol):
         self.opening = []
         for stream in list(self.streams.values()):
             stream.done = True
+            self.release(stream)
             if stream.target is not None:
                 stream.target.done(True)  # the client left
             stream.cs.user = None
@@ -379,4 +563,48 @@ class Http2Server(asyncio.Protocol):
         self.d.h2_conns.discard(self)
         self.abandon_streams()
         flush_all()
+
+
+class _Queued:
+    """A stream waiting in the direction's limiter queue for an in-flight slot."""
+
+    __slots__ = ("server", "stream")
+
+    def __init__(self, server: Http2Server, stream: H2Stream) -> None:
+        self.server = server
+        self.stream = stream
+
+    def admitted(self) -> None:
+        """A slot was handed over (scheduled by :meth:`Http2Server.release`)."""
+        server, stream = self.server, self.stream
+        if server.queued:
+            server.queued.pop(stream, None)
+        server.hold(stream)
+        if stream.done:
+            server.release(stream)
+            return
+        server.go(stream, server.d.router)
+        flush_all()
+
+    def shed(self, cause: str, kind: str) -> None:
+        """503 (gRPC: UNAVAILABLE, trailers-only) at once."""
+        server, stream = self.server, self.stream
+        if server.queued:
+            server.queued.pop(stream, None)
+        server.d.registry.error(server.d.name, kind)
+        respond_error(stream, 503, f"load shed: {cause}")
+        flush_all()
+
+
+class _Retry:
+    """One stream's retry state (outbound, with retries allowed by its policy)."""
+
+    __slots__ = ("attempts", "budget", "deadline", "dst")
+
+    def __init__(self, attempts: Attempts, budget: RetryBudget, deadline: Deadline | None,
+                 dst: OrigDst) -> None:
+        self.attempts = attempts
+        self.budget = budget
+        self.deadline = deadline
+        self.dst = dst
 

@@ -111,6 +111,9 @@ class Http2Upstream(asyncio.Protocol):
     def on_head(self, s: Stream, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         stream = s.user
         if stream is not None and not stream.done:
+            retrying = getattr(stream.server, "retrying", None)  # Http2Server, outbound
+            if retrying and stream.server.retry_head(stream, headers, end):
+                return  # dropped: the stream goes to another endpoint
             response_head(stream, headers, end)
 
     def on_info(self, s: Stream, headers: list[tuple[bytes, bytes]]) -> None:
@@ -226,7 +229,7 @@ class Http2Upstream(asyncio.Protocol):
 
     def fail_all(self, cause: str) -> None:
         for stream in list(self.streams.values()) + self.waiting:
-            if not stream.done:
+            if not stream.done and not (stream.us is None and _requeue(stream)):
                 respond_error(stream, 502, cause)
         self.streams.clear()
         self.waiting = []
@@ -248,6 +251,12 @@ class Http2Upstream(asyncio.Protocol):
         self.fail_all("upstream closed the connection" if exc is None
                       else f"upstream connection failed: {exc}")
         flush_all()
+
+
+def _requeue(stream: H2Stream) -> bool:
+    """A stream never opened upstream: its server may send it elsewhere (a retry)."""
+    requeue = getattr(stream.server, "requeue", None)
+    return requeue is not None and requeue(stream)
 
 
 class H2Pool:
