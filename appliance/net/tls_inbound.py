@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from appliance.identity import policy
@@ -72,11 +73,14 @@ class Inbound:
         self.terminate = tls_terminate.Terminator(d, policy.parse_termination(conf.tls_terminate))
 
 
+_STATE: weakref.WeakKeyDictionary[Direction, Inbound] = weakref.WeakKeyDictionary()
+
+
 def inbound(d: Direction) -> Inbound:
-    state: Inbound | None = getattr(d, "_tls_inbound", None)
+    """The inbound state of ``d``, made at its first connection."""
+    state = _STATE.get(d)
     if state is None:
-        state = Inbound(d)
-        d._tls_inbound = state  # type: ignore[attr-defined]
+        state = _STATE[d] = Inbound(d)
     return state
 
 
