@@ -28,6 +28,8 @@ from mtls_fixtures import (
     mesh_proxy,
 )
 from support import ProxyProcess, http_get, recv_until_eof
+from thrift_idl.echo_service import EchoServer as ThriftEcho
+from thrift_idl.echo_service import client as thrift_client
 
 from appliance.identity import tls as mesh_tls
 from certs import pki, store
@@ -404,3 +406,26 @@ def test_termination_with_given_files_and_identity_off(tmp_path: Path,
         assert json.loads(done.stdout)["headers"]["via"]
     finally:
         server.stop()
+
+
+def test_thrift_through_mesh_tls(root: Path, identity: IdentityProcess) -> None:
+    """Thrift calls (framed binary, thriftpy2 on both ends) cross the mesh: the client
+    proxy's Thrift upstream connection is mesh TLS, the server proxy detects Thrift inside
+    it and counts the client's identity."""
+    server = ThriftEcho("framed-binary")
+    p = Pair(root, identity, server.port)
+    try:
+        c = thrift_client("framed-binary", p.client.outbound)
+        try:
+            assert c.ping() == "pong"
+            assert [c.add(i, 1) for i in range(5)] == [1, 2, 3, 4, 5]
+        finally:
+            c.close()
+        assert p.client.metric("tcp_open_total", protocol="thrift", peer="dst", tls="true",
+                               server_id=API) == 1
+        assert p.server.metric("tcp_open_total", protocol="thrift", peer="src", tls="true",
+                               client_id=WEB) == 1
+        assert p.server.metric("inbound_tcp_authz_allow_total", client_id=WEB) == 1
+    finally:
+        p.stop()
+        server.close()
