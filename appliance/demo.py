@@ -4,7 +4,10 @@ Three hosts on a private bridge in 198.18.0.0/24: ``client``, ``web1`` and ``web
 ``appliance init`` installs the redirect rules and ``appliance proxy`` runs as UID 2102, as a
 sidecar would. Unmodified programs then talk: ``curl`` to ``python3 -m http.server`` on both
 web hosts, ``curl --http2-prior-knowledge`` to nghttpd on web2 (when nghttpd is installed),
-and a plain TCP client to an echo server on web2. The client's proxy also has a dtab that
+and a plain TCP client to an echo server on web2. A fourth host runs the identity service
+(``appliance certs init`` made its trust anchor); every proxy gets a certificate from it with
+nothing but a token, and proxy-to-proxy traffic is mutual TLS. The client's proxy also has a
+dtab that
 makes ``198.18.0.100:8080`` (an address no host has) a logical service balanced per request
 over web1 and web2, and it serves as an explicit proxy for ``http_proxy``. The report shows
 what each proxy saw, read from its own /metrics. Everything is removed at the end (or on
@@ -22,7 +25,10 @@ import tempfile
 import textwrap
 from typing import Any
 
-HOSTS = ("client", "web1", "web2")
+HOSTS = ("client", "web1", "web2", "identity")
+MESHED = ("client", "web1", "web2")
+IDENTITY_PORT = 8090
+TRUST_DOMAIN = "demo.mesh"
 HTTP_PORT = 8080
 ECHO_PORT = 7000
 H2_PORT = 8443
@@ -58,17 +64,19 @@ def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
     from init.mesh import ECHO_SERVER, MeshNode, start_app
 
     say(f"appliance demo: {len(HOSTS)} hosts in network namespaces on {net.subnet}")
+    os.chmod(tmp, 0o755)
+    identity_env = _start_identity(net["identity"], tmp)
     nodes = {}
     web = f'["{net["web1"].addr}:{HTTP_PORT}", "{net["web2"].addr}:{HTTP_PORT}"]'
     routing = (f"routing.dtab=/svc/{SERVICE}:{HTTP_PORT} => /#/static/web",
                f"namers=[{{kind: static, services: {{web: {web}}}}}]",
                "balancer.kind=round_robin")
-    for host in net:
-        node = MeshNode(host, iptables_mode=args.iptables_mode)
+    for name in MESHED:
+        node = MeshNode(net[name], iptables_mode=args.iptables_mode)
         node.install_rules()
-        node.start_proxy(*(routing if host.name == "client" else ()))
-        nodes[host.name] = node
-    os.chmod(tmp, 0o755)
+        node.start_proxy(*(routing if name == "client" else ()), timeout=30,
+                         env=identity_env(name))
+        nodes[name] = node
     for name in ("web1", "web2"):
         root = os.path.join(tmp, name)
         os.makedirs(root)
@@ -87,9 +95,12 @@ def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
         app = {"client": "curl, a TCP client",
                "web1": f"python3 -m http.server {HTTP_PORT}",
                "web2": f"python3 -m http.server {HTTP_PORT}, TCP echo on {ECHO_PORT}"
-                       + (f", nghttpd (h2c) on {H2_PORT}" if h2 else "")}
-        say(f"  {host.name:<7} {host.addr:<12} {app[host.name]}")
-    say("  each: rules by `appliance init`, `appliance proxy` as UID 2102, apps unchanged")
+                       + (f", nghttpd (h2c) on {H2_PORT}" if h2 else ""),
+               "identity": f"appliance identity on {IDENTITY_PORT} (trust domain "
+                           f"{TRUST_DOMAIN}), not meshed"}
+        say(f"  {host.name:<8} {host.addr:<12} {app[host.name]}")
+    say("  client, web1, web2: rules by `appliance init`, `appliance proxy` as UID 2102 with a "
+        "token only, apps unchanged")
     say(f"  client proxy: dtab /svc/{SERVICE}:{HTTP_PORT} => /#/static/web "
         "(web1 and web2, round robin)\n")
 
@@ -101,6 +112,36 @@ def _run(net: Any, args: argparse.Namespace, tmp: str) -> int:
     for node in nodes.values():
         node.stop_proxy()
     return 0 if ok else 1
+
+
+def _start_identity(host: Any, tmp: str) -> Any:
+    """`appliance certs init`, a token per workload, `appliance identity` on its host;
+    returns the environment each proxy needs (the three variables, nothing else)."""
+    from init.mesh import PROXY_UID
+
+    ca = os.path.join(tmp, "ca")
+    subprocess.run([sys.executable, "-m", "appliance", "certs", "init", "--trust-domain",
+                    TRUST_DOMAIN, "--dir", ca], check=True, capture_output=True, timeout=60)
+    os.chmod(ca, 0o755)
+    tokens = {name: f"demo-token-{name}-{os.urandom(8).hex()}" for name in MESHED}
+    with open(os.path.join(tmp, "tokens"), "w") as fh:
+        fh.writelines(f"{token} default {name}\n" for name, token in tokens.items())
+    for name, token in tokens.items():
+        path = os.path.join(tmp, f"token-{name}")
+        with open(path, "w") as fh:
+            fh.write(token + "\n")
+        os.chmod(path, 0o600)
+        os.chown(path, PROXY_UID, PROXY_UID)
+    host.popen([sys.executable, "-m", "appliance", "identity", "--dir", ca, "--tokens",
+                os.path.join(tmp, "tokens"), "--listen", f"0.0.0.0:{IDENTITY_PORT}"],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host.wait_for_port(IDENTITY_PORT)
+
+    def env(name: str) -> dict[str, str]:
+        return {"APPLIANCE_IDENTITY_ADDR": f"{host.addr}:{IDENTITY_PORT}",
+                "APPLIANCE_TRUST_ANCHORS": os.path.join(ca, "trust-anchor.pem"),
+                "APPLIANCE_IDENTITY_TOKEN_FILE": os.path.join(tmp, f"token-{name}")}
+    return env
 
 
 def _traffic(net: Any, count: int) -> bool:
@@ -209,6 +250,17 @@ def _report(nodes: dict[str, Any]) -> None:
             mean = f"{lat_sum / lat_n:.1f}" if lat_n else "-"
             protos = ", ".join(f"{p} {n}" for p, n in sorted(conns.items()))
             say(f"  {name:<7} {direction:<9} {int(reqs):>8} {rate:>8} {mean:>8}  {protos}")
+    say("mutual TLS between the proxies (inbound connections by verified client identity):")
+    for name, node in nodes.items():
+        peers: dict[str, int] = {}
+        for sample in scrape.parse(node.metrics()):
+            labels = sample.labels
+            if sample.name == "tcp_open_total" and labels.get("direction") == "inbound" \
+                    and labels.get("peer") == "src" and sample.value:
+                who = labels.get("client_id") if labels.get("tls") == "true" else "plaintext"
+                peers[who or "plaintext"] = peers.get(who or "plaintext", 0) + int(sample.value)
+        if peers:
+            say(f"  {name:<7} " + ", ".join(f"{n}x {who}" for who, n in sorted(peers.items())))
 
 
 def _explore(net: Any) -> None:

@@ -44,14 +44,16 @@ class MeshNode:
     def uninstall_rules(self) -> None:
         self.appliance("init", "--iptables-mode", self.mode, "--uninstall")
 
-    def start_proxy(self, *settings: str, timeout: float = 15.0) -> None:
-        """Run the proxy as the proxy user and wait until /ready answers 200."""
+    def start_proxy(self, *settings: str, timeout: float = 15.0,
+                    env: dict[str, str] | None = None) -> None:
+        """Run the proxy as the proxy user and wait until /ready answers 200. ``env`` adds
+        variables (identity, tracing) to the proxy's environment."""
         argv = [sys.executable, "-m", "appliance", "proxy",
                 "--set", f"instance_id={self.instance_id}"]
         for s in settings:
             argv += ["--set", s]
         self._log = tempfile.TemporaryFile(mode="w+")
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         self.proc = self.host.popen(argv, uid=PROXY_UID, stdout=self._log,
                                     stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
