@@ -60,6 +60,9 @@ def test_requests_on_one_connection_spread_over_replicas(
         assert [s for s, _, _ in answers] == [200] * 10
         assert len(a.requests) == 5 and len(b.requests) == 5
         assert p.metric("request_total", authority="web", dst_service="/#/static/web") == 10
+        headers = dict(a.requests[0][0].headers)  # linkerd's informational headers
+        assert headers[b"l5d-dst-service"] == b"/svc/web"
+        assert headers[b"l5d-dst-client"] == b"/#/static/web"
         assert p.metric("response_total", dst_service="/#/static/web",
                         classification="success") == 10
     finally:

@@ -502,9 +502,13 @@ class Exchange:
         return True
 
     def count_as(self, routed: Target) -> None:
-        """Routed to a service: the request counts under its ``dst_service`` label."""
+        """Routed to a service: the request counts under its ``dst_service`` label and
+        carries linkerd's ``l5d-dst-*`` headers."""
+        from appliance.net.route import tag_dst
+
         if routed.service is None:
             return
+        tag_dst(self.head.headers, routed)
         old = self.stats
         labels = dict(old.labels)
         new = self.d.registry.http(self.d.name, "http/1", labels.get("authority", ""),

@@ -44,7 +44,7 @@ from appliance.net.h2stream import (
     to_upstream,
     touch,
 )
-from appliance.net.route import request_deadline, stamp_deadline
+from appliance.net.route import request_deadline, stamp_deadline, tag_dst
 from appliance.protocols.h2conn import H2Connection, H2Error, Stream
 from appliance.protocols.h2frames import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, REFUSED_STREAM
 from appliance.protocols.h2guard import H2Guard
@@ -148,6 +148,7 @@ class Http2Server(asyncio.Protocol):
             self.d.spawn(self.await_discovery(router, stream, routed))
             return
         stream.target = routed
+        tag_dst(stream.headers, routed)
         self.send(stream, routed.dst)
 
     async def await_discovery(self, router: Any, stream: H2Stream, pending: Any) -> None:
@@ -171,6 +172,7 @@ class Http2Server(asyncio.Protocol):
                                        f"{'/'.join(pending.service.id)}")
         elif routed is not None:
             stream.target = routed
+            tag_dst(stream.headers, routed)
             self.send(stream, routed.dst)
         self.flush()
         flush_all()

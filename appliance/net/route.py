@@ -92,6 +92,20 @@ def take_override(headers: list[tuple[bytes, bytes]], allow: bool
     return dtab, text
 
 
+_DST_HEADERS = (b"l5d-dst-service", b"l5d-dst-client")
+
+
+def tag_dst(headers: list[tuple[bytes, bytes]], target: Target) -> None:
+    """linkerd's informational headers on a routed request: ``l5d-dst-service`` (the
+    logical name) and ``l5d-dst-client`` (the bound name it went to); values a client sent
+    are replaced."""
+    if target.service is None:
+        return
+    headers[:] = [(n, v) for n, v in headers if n.lower() not in _DST_HEADERS]
+    headers.append((b"l5d-dst-service", target.name.encode("latin-1")))
+    headers.append((b"l5d-dst-client", target.service_name.encode("latin-1")))
+
+
 def route_http1(router: Router, head: Any, dst: OrigDst, allow: bool) -> Target | Pending:
     """Route one HTTP/1 request (its head may lose/gain override headers)."""
     try:
