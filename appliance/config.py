@@ -122,6 +122,9 @@ class AdminConfig:
     """Port of the admin server (/metrics, /ready, /live)."""
     bind: str = "0.0.0.0"
     """Address the admin server binds (0.0.0.0: IPv6 too, as for outbound)."""
+    metrics: bool = True
+    """Record metrics. Turning them off (HTTP and TCP families stay empty) exists to
+    measure what they cost; leave it on."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,7 +54,7 @@ class Proxy:
         self.config_file = config_file
         self._file_stamp = _stamp(config_file)
         self.shutdown_requested = asyncio.Event()
-        self.registry = Registry()
+        self.registry = Registry(enabled=config.admin.metrics)
         self.instance_id = config.instance_id or secrets.token_hex(4)
         self.directions: list[Direction] = []
         self.tracer = OFF

@@ -145,3 +145,14 @@ def test_promtool_accepts_a_busy_proxy(backend: H11Server) -> None:
                 if line.strip()]
     accepted = "response_latency_ms metric names should not contain abbreviated units"
     assert [x for x in problems if x != accepted] == [], problems
+
+
+def test_metrics_off_records_nothing() -> None:
+    """admin.metrics=false: the registry hands out counters that count nothing."""
+    r = Registry(enabled=False)
+    stats = r.http("outbound", "http/1", "a.example")
+    stats.requests += 1
+    stats.response(200, 0.001)
+    r.tcp("outbound", "opaque", "src").opened += 1
+    text = r.render()
+    assert "request_total{" not in text and "tcp_open_total{" not in text

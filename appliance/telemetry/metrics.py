@@ -64,6 +64,16 @@ class HttpStats:
         self.latency_count += 1
 
 
+class _DiscardHttp(HttpStats):
+    """What ``Registry.http`` hands out when metrics are off: counts nothing."""
+
+    __slots__ = ()
+
+    def response(self, status: int, latency_s: float, error: str = "",
+                 grpc_status: str = "") -> None:
+        pass
+
+
 class TcpStats:
     """Connection counters for one label set (direction, protocol, peer)."""
 
@@ -92,7 +102,10 @@ class AuthzStats:
 class Registry:
     """Holds every stats object; builds the exposition on scrape."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # off: nothing is recorded (to measure what metrics cost)
+        self._discard_http = _DiscardHttp((("direction", "none"),))
+        self._discard_tcp = TcpStats((("direction", "none"),))
         self._http: dict[tuple[str, str, str, str, str], HttpStats] = {}
         self._series: dict[str, int] = {}  # label sets per direction
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
@@ -109,6 +122,8 @@ class Registry:
              dst_service: str = "", method: str = "") -> HttpStats:
         """The counters of one label set (made on first use; a dict lookup after that).
         ``method`` is an RPC method name (Thrift), not an HTTP method."""
+        if not self.enabled:
+            return self._discard_http
         key = (direction, protocol, authority, dst_service, method)
         stats = self._http.get(key)
         if stats is None:
@@ -147,6 +162,8 @@ class Registry:
     def tcp(self, direction: str, protocol: str, peer: str,
             tls: tuple[tuple[str, str], ...] = ()) -> TcpStats:
         """``tls``: the ``tls``, ``client_id``, ``server_id`` labels of mesh connections."""
+        if not self.enabled:
+            return self._discard_tcp
         labels = (("direction", direction), ("peer", peer), ("protocol", protocol)) + tls
         stats = self._tcp.get(labels)
         if stats is None:
