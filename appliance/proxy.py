@@ -8,10 +8,10 @@ the last stream accepted; in-flight requests, streams and tunnels get ``shutdown
 seconds to finish; then everything left is closed and the process exits 0.
 
 Reload (SIGHUP, or the config file changing on disk, checked once a second): the config is
-loaded again; the routing, balancer and namers sections take effect for new requests
-without dropping connections (a new router replaces the old one; requests in flight finish
-on the old). A config that does not load is rejected and the running one stays; changes to
-other fields need a restart and are logged as such.
+loaded again; the routing, balancer, namers, service and services sections take effect for
+new requests without dropping connections (a new router replaces the old one; requests in
+flight finish on the old). A config that does not load is rejected and the running one
+stays; changes to other fields need a restart and are logged as such.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from appliance.telemetry.tracing import OFF, from_environ
 log = logging.getLogger("appliance")
 
 SWEEP_INTERVAL = 1.0
-_LIVE_SECTIONS = ("routing", "balancer", "namers")
+_LIVE_SECTIONS = ("routing", "balancer", "namers", "service", "services")
 
 
 class Proxy:

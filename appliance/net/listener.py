@@ -94,9 +94,12 @@ class Direction:
 
     def swap_routing(self, config: Config) -> None:
         """Config reload: a new router from ``config``'s routing sections replaces the old
-        one (built first, so a namer that cannot be built leaves the old in place)."""
+        one (built first, so a namer that cannot be built leaves the old in place), and the
+        per-service policies (classifiers, timeouts, retries) are rebuilt."""
         self.config = dataclasses.replace(self.config, routing=config.routing,
-                                          balancer=config.balancer, namers=config.namers)
+                                          balancer=config.balancer, namers=config.namers,
+                                          service=config.service, services=config.services)
+        self.policies = Policies(config.service, config.services, self.loop.time)
         old = self.router
         self.router = None
         try:
