@@ -100,3 +100,38 @@ def test_bad_sampler_is_a_config_error() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
     assert "OTEL_TRACES_SAMPLER_ARG" in done.stderr
+
+
+def test_grpc_calls_are_traced_and_labelled(tmp_path) -> None:
+    """A gRPC call (HTTP/2) carrying traceparent: a client span in the app's trace with the
+    gRPC status; the call is counted under its authority; its access-log line says so."""
+    import json
+
+    import grpc
+    from support import wait_for
+    from test_proxy_http2 import grpc_service
+
+    unary = grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")
+    log = tmp_path / "access.jsonl"
+    with GrpcReceiver() as rx, grpc_service("test.T", {"Unary": unary}) as port:
+        p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{port}", f"access_log={log}",
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint})
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{p.outbound}") as channel:
+                call = channel.unary_unary("/test.T/Unary")
+                assert call(b"x", timeout=10, metadata=(
+                    ("traceparent", f"00-{APP_TRACE}-{APP_SPAN}-01"),)) == b"ok"
+            [span] = rx.wait_for(1)
+            assert p.metric("request_total", protocol="h2",
+                            authority=f"127.0.0.1:{p.outbound}") == 1
+            wait_for(lambda: log.exists() and log.read_text().strip(), timeout=10,
+                     what="the access-log line")
+        finally:
+            p.stop()
+    assert span.trace_id == APP_TRACE and span.parent_span_id == APP_SPAN
+    assert span.attributes["rpc.system"] == "grpc"
+    assert span.attributes["rpc.grpc.status_code"] == 0
+    [line] = [json.loads(x) for x in log.read_text().splitlines()]
+    assert line["protocol"] == "h2" and line["path"] == "/test.T/Unary"
+    assert line["status"] == 200 and line["grpc_status"] == "0"
+    assert line["trace_id"] == APP_TRACE

@@ -101,7 +101,7 @@ class H2Stream:
     __slots__ = (
         "server", "sid", "cs", "up", "us", "headers", "to_up", "to_down", "grpc", "started",
         "response_started", "status", "done", "early", "request_ended", "grpc_status",
-        "deadline", "retried", "head", "target", "stats", "orig_proto",
+        "deadline", "retried", "head", "target", "stats", "orig_proto", "span",
     )
 
     def __init__(self, server: Http2Server, cs: Stream, headers: Sequence[tuple[bytes, bytes]],
@@ -129,6 +129,7 @@ class H2Stream:
         self.head = False  # a HEAD request: the response has no body
         self.target: Any = None  # the router's pick (appliance.routing.router.Target)
         self.stats: Any = server.stats  # where its response is counted
+        self.span: Any = None  # the trace span (appliance.telemetry.tracing), when sampled
         self.orig_proto = False  # inbound l5d-orig-proto: HTTP/1.1 (sent on as HTTP/1.1)
 
 

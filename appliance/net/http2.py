@@ -149,6 +149,7 @@ class Http2Server(asyncio.Protocol):
             return
         stream.target = routed
         tag_dst(stream.headers, routed)
+        self.count_as(stream, routed)
         self.send(stream, routed.dst)
 
     async def await_discovery(self, router: Any, stream: H2Stream, pending: Any) -> None:
@@ -173,6 +174,7 @@ class Http2Server(asyncio.Protocol):
         elif routed is not None:
             stream.target = routed
             tag_dst(stream.headers, routed)
+            self.count_as(stream, routed)
             self.send(stream, routed.dst)
         self.flush()
         flush_all()
@@ -205,14 +207,17 @@ class Http2Server(asyncio.Protocol):
         memo = self.memo.get(id(headers))
         if memo is None or memo[0] is not headers:
             memo = self.prepare(headers)
-        _, out, grpc, head, looped, orig_proto = memo
+        _, out, grpc, head, looped, orig_proto, stats = memo
         stream = H2Stream(self, s, out, grpc, self.d.loop.time())
         s.user = stream
         stream.request_ended = end
         stream.head = head
         stream.orig_proto = orig_proto
         self.streams[s.sid] = stream
-        self.stats.requests += 1
+        stream.stats = stats
+        stats.requests += 1
+        if self.d.tracer.on:
+            self.trace(stream)
         if looped:
             self.d.registry.error(self.d.name, "loop")
             respond_error(stream, 502, "request loop detected (Via names this proxy)")
@@ -225,15 +230,65 @@ class Http2Server(asyncio.Protocol):
             return  # denied: 403 or PERMISSION_DENIED (l5d-client-id is set otherwise)
         self.opening.append(stream)
 
+    def trace(self, stream: H2Stream) -> None:
+        """Start the stream's span; the headers sent on carry its context."""
+        d = self.d
+        peer = self.transport.get_extra_info("peername") if d.name == "inbound" else None
+        span = d.tracer.start(d.name, stream.headers, version="2", peer=peer)
+        if span is not None:
+            stream.headers = span.apply(stream.headers)
+            stream.span = span
+
+    def record(self, stream: H2Stream, error: str = "") -> None:
+        """The stream is over: end its span, write its access-log line."""
+        span, stream.span = stream.span, None
+        d = self.d
+        grpc_status = stream.grpc_status.decode("latin-1") or None
+        upstream = stream.target.dst if stream.target is not None else self.dst
+        if span is not None:
+            span.end(stream.status, grpc_status, error,
+                     peer=upstream if d.name == "outbound" else None,
+                     retries=1 if stream.retried else 0)
+        log = d.access_log
+        if log is not None:
+            labels = dict(stream.stats.labels)
+            method = path = ""
+            for name, value in stream.headers:
+                if name == b":method":
+                    method = value.decode("latin-1")
+                elif name == b":path":
+                    path = value.decode("latin-1")
+            log.write(direction=d.name, protocol="h2", method=method,
+                      authority=labels.get("authority"), path=path, status=stream.status,
+                      grpc_status=grpc_status,
+                      duration_ms=round((d.loop.time() - stream.started) * 1000, 3),
+                      upstream=str(upstream), dst_service=labels.get("dst_service"),
+                      error=error, retries=1 if stream.retried else 0,
+                      trace_id=f"{span.trace_id:032x}" if span is not None else None)
+
+    def count_as(self, stream: H2Stream, routed: Any) -> None:
+        """Routed to a service: the stream counts under its ``dst_service`` label."""
+        if routed.service is None:
+            return
+        old = stream.stats
+        new = self.d.registry.http(self.d.name, "h2", dict(old.labels).get("authority", ""),
+                                   routed.service_name)
+        old.requests -= 1
+        new.requests += 1
+        stream.stats = new
+
     def prepare(self, headers: list[tuple[bytes, bytes]]) -> tuple[Any, ...]:
         """What the proxy needs of a request head, computed once per distinct head: the
         decoder hands out the same list object for a repeated header block, so the result
         is kept by identity (with the list itself, so its id cannot be reused)."""
         grpc = head = looped = orig_proto = False
+        authority = ""
         via = self.d.via_name
         for name, value in headers:
             if name == b":method":
                 head = value == b"HEAD"
+            elif name == b":authority" or name == b"host" and not authority:
+                authority = value[:255].decode("latin-1").lower()
             elif name == b"content-type":
                 grpc = value.startswith(b"application/grpc")
             elif name == b"via" and via in value:
@@ -243,7 +298,8 @@ class Http2Server(asyncio.Protocol):
         out = (*headers, self.via_header)
         if orig_proto:  # linkerd's mesh downgrade: the app gets HTTP/1.1 (translate_h1)
             out = tuple(h for h in out if h[0] != b"l5d-orig-proto")
-        memo = (headers, out, grpc, head, looped, orig_proto)
+        memo = (headers, out, grpc, head, looped, orig_proto,
+                self.d.registry.http(self.d.name, "h2", authority or str(self.dst)))
         if len(self.memo) >= _MEMO_ENTRIES:
             self.memo.clear()
         self.memo[id(headers)] = memo
@@ -279,7 +335,9 @@ class Http2Server(asyncio.Protocol):
         if stream.target is not None:
             stream.target.done(True)  # the client's choice, not the endpoint's failure
         now = self.d.loop.time()
-        self.stats.response(stream.status, now - stream.started, "client_reset")
+        stream.stats.response(stream.status, now - stream.started, "client_reset")
+        if stream.span is not None or self.d.access_log is not None:
+            self.record(stream, "client reset the stream")
         cancel_upstream(stream, code)
         if not stream.response_started and self.guard.stream_reset_early(now):
             raise H2Error(ENHANCE_YOUR_CALM, "too many streams reset early (Rapid Reset)",
@@ -296,6 +354,8 @@ class Http2Server(asyncio.Protocol):
             self.release(stream)
             if stream.target is not None:
                 stream.target.done(True)  # the client's request was at fault
+            if stream.span is not None or self.d.access_log is not None:
+                self.record(stream, reason)
             self.streams.pop(sid, None)
             cancel_upstream(stream, CANCEL)
 
@@ -513,6 +573,8 @@ class Http2Server(asyncio.Protocol):
     def stream_done(self, stream: H2Stream) -> None:
         stream.done = True
         self.release(stream)
+        if stream.span is not None or self.d.access_log is not None:
+            self.record(stream)
         target = stream.target
         if target is not None:
             status, grpc_status = stream.status, stream.grpc_status
@@ -555,6 +617,8 @@ class Http2Server(asyncio.Protocol):
             self.release(stream)
             if stream.target is not None:
                 stream.target.done(True)  # the client left
+            if stream.span is not None or self.d.access_log is not None:
+                self.record(stream, "client went away")
             stream.cs.user = None
             cancel_upstream(stream, CANCEL)
         self.streams.clear()
