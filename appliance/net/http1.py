@@ -95,7 +95,7 @@ class Http1Server(asyncio.Protocol):
 
     def start(self, early: bytes, early_eof: bool) -> None:
         self.transport.set_protocol(self)
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
         self.d.http_conns.add(self)
         if early:
             self.data_received(early)
@@ -345,7 +345,7 @@ class Http1Server(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.d.http_conns.discard(self)
         ex = self.ex
         if ex is not None:
@@ -355,7 +355,7 @@ class Http1Server(asyncio.Protocol):
     def detach_for_tunnel(self) -> None:
         """The connection becomes a relay: stop acting on it as HTTP."""
         self.d.http_conns.discard(self)
-        self.tcp.closed += 1  # counted again under the relay's tunnel stats
+        self.tcp.close(self.opened_at)  # counted again under the tunnel's stats
         self.closed = True
 
 
@@ -1086,7 +1086,7 @@ class Http1Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
 
     out: list[bytes] | None = None
 
@@ -1156,7 +1156,7 @@ class Http1Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.tunnel:
             return
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.transport = None
         self.d.pool.forget(self)
         ex = self.ex
@@ -1176,7 +1176,7 @@ class Http1Upstream(asyncio.Protocol):
 
     def detach_for_tunnel(self) -> None:
         self.tunnel = True
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
 
 
 class Pool:

@@ -90,7 +90,7 @@ class Http2Server(asyncio.Protocol):
 
     def start(self, early: bytes, early_eof: bool) -> None:
         self.transport.set_protocol(self)
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
         self.d.h2_conns.add(self)
         self.conn.start()
         self.flush()
@@ -625,7 +625,7 @@ class Http2Server(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.d.h2_conns.discard(self)
         self.abandon_streams()
         flush_all()

@@ -56,7 +56,7 @@ class Http2Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
         self.conn.start()
         self.flush()
 
@@ -245,7 +245,7 @@ class Http2Upstream(asyncio.Protocol):
         flush_all()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.transport = None
         self.d.h2pool.forget(self)
         self.fail_all("upstream closed the connection" if exc is None

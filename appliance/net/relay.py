@@ -31,6 +31,7 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
         self.eof = False
         self.stats: Any = None
+        self.opened_at = 0.0
 
     def connection_made(self, transport: Any) -> None:
         # Only the upstream side gets here: the client side was accepted earlier.
@@ -95,7 +96,7 @@ class Relay:
     def start(self, early_eof: bool) -> None:
         transport = self.down.transport
         transport.set_protocol(self.down)
-        self.down.stats.opened += 1
+        self.down.opened_at = self.down.stats.open()
         self.down.eof = early_eof
         self._connect = self.direction.spawn(self._open())
 
@@ -105,8 +106,8 @@ class Relay:
         down.set_protocol(self.down)
         up_transport.set_protocol(self.up)
         self.up.transport = up_transport
-        self.down.stats.opened += 1
-        self.up.stats.opened += 1
+        self.down.opened_at = self.down.stats.open()
+        self.up.opened_at = self.up.stats.open()
         if to_down:
             self.down.stats.write_bytes += len(to_down)
             down.write(to_down)
@@ -137,7 +138,7 @@ class Relay:
     def up_connected(self) -> None:
         """Flush what the client sent while we connected, in order, before anything new."""
         transport = self.up.transport
-        self.up.stats.opened += 1
+        self.up.opened_at = self.up.stats.open()
         held, self._held = self._held, []
         if held:
             data = b"".join(held)
@@ -151,10 +152,7 @@ class Relay:
             transport.write_eof()
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
-        if side is self.up:
-            self.up.stats.closed += 1
-        else:
-            self.down.stats.closed += 1
+        side.stats.close(side.opened_at)
         side.transport = None
         self.close(abort=exc is not None)
 

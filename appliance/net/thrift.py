@@ -112,7 +112,7 @@ class ThriftServer(asyncio.Protocol):
 
     def start(self, early: bytes, eof: bool) -> None:
         self.transport.set_protocol(self)
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
         self.shared.attach(self)
         if early:
             self.data_received(early)
@@ -233,7 +233,7 @@ class ThriftServer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.shared.conns.discard(self)
         queue, self.queue = self.queue, deque()
         for call in queue:

@@ -72,7 +72,7 @@ class ThriftUpstream(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
 
     def data_received(self, data: bytes) -> None:
         self.tcp.read_bytes += len(data)
@@ -92,7 +92,7 @@ class ThriftUpstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.transport = None
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.shared.pool.forget(self)
         calls, self.calls = self.calls, {}
         cause = "upstream closed the connection" if exc is None \

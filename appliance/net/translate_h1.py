@@ -113,10 +113,10 @@ class H1Conn(asyncio.Protocol):
     # --- asyncio ----------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.tcp.opened += 1
+        self.opened_at = self.tcp.open()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tcp.closed += 1
+        self.tcp.close(self.opened_at)
         self.transport = None
         self.closed = True
         self.pool.forget(self)

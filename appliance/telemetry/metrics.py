@@ -74,10 +74,15 @@ class _DiscardHttp(HttpStats):
         pass
 
 
+# Buckets of tcp_connection_duration_ms (as linkerd2-proxy's: decades from 1 ms).
+DURATION_BUCKETS_MS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000)
+
+
 class TcpStats:
     """Connection counters for one label set (direction, protocol, peer)."""
 
-    __slots__ = ("labels", "opened", "closed", "read_bytes", "write_bytes")
+    __slots__ = ("labels", "opened", "closed", "read_bytes", "write_bytes", "durations",
+                 "duration_sum")
 
     def __init__(self, labels: tuple[tuple[str, str], ...]) -> None:
         self.labels = labels
@@ -85,6 +90,20 @@ class TcpStats:
         self.closed = 0
         self.read_bytes = 0
         self.write_bytes = 0
+        self.durations = [0] * (len(DURATION_BUCKETS_MS) + 1)
+        self.duration_sum = 0.0
+
+    def open(self) -> float:
+        """Count a connection opened; returns when, for :meth:`close`."""
+        self.opened += 1
+        return time.monotonic()
+
+    def close(self, opened_at: float) -> None:
+        """Count a connection closed, and how long it was open."""
+        self.closed += 1
+        ms = (time.monotonic() - opened_at) * 1000.0
+        self.durations[bisect_left(DURATION_BUCKETS_MS, ms)] += 1
+        self.duration_sum += ms
 
 
 class AuthzStats:
@@ -250,6 +269,16 @@ class Registry:
             _family(out, name, kind, help_text)
             for s in tcp:
                 out.append(f"{name}{_fmt(s.labels)} {value(s)}")
+        _family(out, "tcp_connection_duration_ms", "histogram",
+                "How long closed connections were open.")
+        for s in tcp:
+            cumulative = 0
+            for bound, n in zip((*DURATION_BUCKETS_MS, "+Inf"), s.durations, strict=True):
+                cumulative += n
+                out.append(f"tcp_connection_duration_ms_bucket"
+                           f"{_fmt(s.labels + (('le', str(bound)),))} {cumulative}")
+            out.append(f"tcp_connection_duration_ms_sum{_fmt(s.labels)} {s.duration_sum:.3f}")
+            out.append(f"tcp_connection_duration_ms_count{_fmt(s.labels)} {cumulative}")
 
     def _render_errors(self, out: list[str]) -> None:
         _family(out, "proxy_errors_total", "counter",
