@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import shutil
@@ -10,18 +9,18 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dns.nameserver
 import dns.resolver
 import pytest
-import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
+from namer_scenario import Reports, run, wait_state
 
-from appliance.discovery.base import NEG, Address, AddrState, NamerContext, Watch, bound
+from appliance.discovery.base import NEG, Address, AddrState, NamerContext, bound
 from appliance.discovery.dns import (
     ZERO_WEIGHT,
     Answer,
@@ -279,38 +278,6 @@ def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
         yield server
     finally:
         server.stop()
-
-
-Reports = list[tuple[str, tuple[str, ...], bool, str]]
-
-
-def run(scenario: Callable[[NamerContext, Reports], Coroutine[Any, Any, None]]
-        ) -> Reports:
-    """Run ``scenario`` on uvloop (as the proxy does) with a recording context."""
-    reports: Reports = []
-    ctx = NamerContext(spawn=lambda coro: asyncio.get_running_loop().create_task(coro),
-                       report=lambda *args: reports.append(args))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(scenario(ctx, reports))
-    return reports
-
-
-async def wait_state(watch: Watch, predicate: Callable[[AddrState], bool],
-                     timeout: float = 10.0) -> AddrState:
-    """The first state of ``watch`` (now or later) for which ``predicate`` holds."""
-    done: asyncio.Future[AddrState] = asyncio.get_running_loop().create_future()
-
-    def seen(state: AddrState) -> None:
-        if predicate(state) and not done.done():
-            done.set_result(state)
-
-    cancel = watch.subscribe(seen)
-    try:
-        return await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout}s; last state {watch.state}") from None
-    finally:
-        cancel()
 
 
 def options(server: Dnsmasq, **extra: Any) -> dict[str, Any]:
