@@ -135,3 +135,33 @@ def test_grpc_calls_are_traced_and_labelled(tmp_path) -> None:
     assert line["protocol"] == "h2" and line["path"] == "/test.T/Unary"
     assert line["status"] == 200 and line["grpc_status"] == "0"
     assert line["trace_id"] == APP_TRACE
+
+
+def test_thrift_calls_are_root_spans() -> None:
+    """Plain Thrift carries no trace context: each call through the proxy is a root client
+    span named for its method, with the RPC attributes (and no HTTP ones)."""
+    from thrift_idl.echo_service import EchoServer, client
+
+    server = EchoServer("framed-binary")
+    try:
+        with GrpcReceiver() as rx:
+            p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{server.port}",
+                             env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint})
+            try:
+                c = client("framed-binary", p.outbound)
+                try:
+                    c.ping()
+                    assert c.add(2, 3) == 5
+                finally:
+                    c.close()
+                spans = rx.wait_for(2)
+            finally:
+                p.stop()
+    finally:
+        server.close()
+    by_name = {s.name: s for s in spans}
+    assert set(by_name) == {"ping", "add"}
+    add = by_name["add"]
+    assert add.kind == "client" and add.parent_span_id == ""
+    assert add.attributes["rpc.system"] == "thrift" and add.attributes["rpc.method"] == "add"
+    assert "http.request.method" not in add.attributes

@@ -244,7 +244,8 @@ class Call:
     """One call: routing, the upstream attempt(s), and its reply."""
 
     __slots__ = ("server", "d", "shared", "msg", "oneway", "idempotent", "started", "stats",
-                 "dst", "target", "up", "mark", "reused", "attempts", "reply", "finished")
+                 "dst", "target", "up", "mark", "reused", "attempts", "reply", "finished",
+                 "span")
 
     def __init__(self, server: ThriftServer, msg: Message) -> None:
         self.server = server
@@ -263,11 +264,15 @@ class Call:
         self.attempts = 0
         self.reply: bytes | None = None
         self.finished = False
+        self.span: Any = None  # the trace span, when tracing is on and the call sampled
 
     # --- routing and sending ---------------------------------------------------------------
     def start(self) -> None:
         self.stats = self.shared.call_stats(self.server.authority, self.msg.name)
         self.stats.requests += 1
+        if self.d.tracer.on:  # plain Thrift carries no trace context: each call is a root
+            self.span = self.d.tracer.start(self.d.name, (), target=self.msg.name.encode(),
+                                            authority=self.server.authority.encode())
         self.shared.budget.deposit()
         self.attempt()
 
@@ -433,10 +438,20 @@ class Call:
         self.finished = True
         if self.stats is not None:
             self.stats.response(status, self.d.loop.time() - self.started, error)
+        if self.span is not None:
+            self.end_span(status, error)
         self.report(ok)
         if data is not None:
             self.reply = data
             self.server.deliver(self)
+
+    def end_span(self, status: int, error: str) -> None:
+        span, self.span = self.span, None
+        span.end(status, error=error, peer=self.dst if self.d.name == "outbound" else None,
+                 retries=max(0, self.attempts - 1), attributes={
+                     "rpc.system": "thrift", "rpc.method": self.msg.name,
+                     "rpc.service": self.server.authority,
+                     "appliance.thrift.oneway": self.oneway})
 
     def answer(self, data: bytes) -> None:
         """A reply the proxy makes itself, not counted as a request."""
@@ -450,6 +465,8 @@ class Call:
             return
         self.finished = True
         self.report(True)  # the client left: not the endpoint's failure
+        if self.span is not None:
+            self.end_span(0, "client went away")
         up, self.up = self.up, None
         if up is not None and all(c.finished for c in up.calls.values()):
             up.abort()  # nobody waits for what it would send

@@ -64,10 +64,18 @@ def is_grpc(h: RecordingSpan) -> bool:
     return h.content_type.startswith(b"application/grpc")
 
 
+def is_thrift(h: RecordingSpan) -> bool:
+    """A Thrift call: the data path says so with ``rpc.system`` in its extra attributes."""
+    return bool(h.attributes) and h.attributes.get("rpc.system") == "thrift"
+
+
 def span_name(h: RecordingSpan) -> str:
-    """``pkg.Service/Method`` for gRPC, else the HTTP method (``HTTP`` for unknown ones)."""
+    """``pkg.Service/Method`` for gRPC, the method for Thrift, else the HTTP method (``HTTP``
+    for unknown ones)."""
     if is_grpc(h) and h.target.count(b"/") == 2:
         return _text(h.target[1:])
+    if is_thrift(h):
+        return str(h.attributes.get("rpc.method", "thrift"))
     method = _text(h.method)
     return method if method in _KNOWN_METHODS else "HTTP"
 
@@ -125,7 +133,8 @@ def span_attributes(h: RecordingSpan) -> dict[str, AttrValue]:
     """The span's attributes: OpenTelemetry HTTP and RPC semantic conventions, plus
     ``appliance.*`` for the mesh (direction, identities) and the caller's extras."""
     a: dict[str, AttrValue] = {}
-    _http_attributes(h, a)
+    if not is_thrift(h):  # Thrift calls carry the RPC attributes the data path gives
+        _http_attributes(h, a)
     if h.peer is not None and len(h.peer) >= 2:
         a["network.peer.address"] = str(h.peer[0])
         a["network.peer.port"] = int(h.peer[1])
