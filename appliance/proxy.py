@@ -73,6 +73,8 @@ class Proxy:
         self.registry.tracer = self.tracer
         self.identity = IdentityManager.from_environ(os.environ)  # IdentityConfigError: 2
         self.registry.identity = self.identity
+        self.registry.routers = lambda: [(d.name, d.router) for d in self.directions
+                                         if d.router is not None]
         if self.identity is not None:
             self.identity.start()
         self.access_log = open_access_log(conf.access_log)

@@ -174,6 +174,9 @@ def test_failing_endpoint_is_ejected(replicas: tuple[H11Server, H11Server]) -> N
         after = curl(p.outbound, [f"/{i}" for i in range(10)], "Host: web")
         assert all(s == 200 for s, _, _ in after), after
         assert p.metric("retry_total", reason="unsent") == 2
+        assert p.metric("balancer_endpoints", dst_service="/#/static/web", state="alive") == 1
+        assert p.metric("balancer_endpoints", dst_service="/#/static/web",
+                        state="ejected") == 1
         assert len(a.requests) == 16
     finally:
         p.stop()

@@ -135,6 +135,7 @@ class Registry:
         self.config_reloads = {"ok": 0, "error": 0}
         self.tracer: Any = None  # set by the proxy; its span counters are rendered
         self.identity: Any = None  # the IdentityManager, when identity is on
+        self.routers: Any = None  # () -> [(direction, Router)], set by the proxy
         self.start_time = time.time()
 
     def http(self, direction: str, protocol: str = "http/1", authority: str = "",
@@ -287,6 +288,23 @@ class Registry:
             out.append(f"proxy_errors_total{_fmt((('direction', direction), ('error', kind)))}"
                        f" {n}")
 
+    def _render_balancers(self, out: list[str]) -> None:
+        from appliance.routing.path import show_path
+
+        _family(out, "balancer_endpoints", "gauge",
+                "Endpoints of each routed service's balancer, by failure-accrual state "
+                "(alive, probing, ejected).")
+        for direction, router in self.routers():
+            for id, service in sorted(router.services.items()):
+                counts = {"alive": 0, "probing": 0, "ejected": 0}
+                for ep in service.balancer.endpoints():
+                    state = ep.accrual.state
+                    counts[state] = counts.get(state, 0) + 1
+                for state, n in counts.items():
+                    labels = (("direction", direction), ("dst_service", show_path(id)),
+                              ("state", state))
+                    out.append(f"balancer_endpoints{_fmt(labels)} {n}")
+
     def _render_authz(self, out: list[str]) -> None:
         for kind, unit in (("http", "requests"), ("tcp", "connections")):
             rows = [s for (k, _), s in self._authz.items() if k == kind]
@@ -344,6 +362,8 @@ class Registry:
             _family(out, "trace_spans_dropped_total", "counter",
                     "Spans dropped: export queue full, collector unreachable, or shutdown.")
             out.append(f"trace_spans_dropped_total {self.tracer.dropped_spans()}")
+        if self.routers is not None:
+            self._render_balancers(out)
         identity = self.identity
         if identity is not None:
             expiry = identity.expiration_timestamp_seconds()
