@@ -7,21 +7,21 @@ This is NOT Kubernetes (an API server cannot run here). It is a small HTTPS serv
 optional ``spec.audiences``, and an answer (201) whose ``status`` has ``authenticated``,
 ``user.username`` (``system:serviceaccount:NS:SA``), ``audiences`` and ``error``.
 
-HTTP/1.1 is spoken through h11, independent of the client under test. Tests register
-tokens, choose the audiences a token is valid for, and can take the server down.
+HTTP/1.1 is spoken through h11 (the server of :mod:`fakeapis`), independent of the client
+under test. Tests register tokens, choose the audiences a token is valid for, and can take
+the server down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import h11
+from fakeapis import FakeServer, Reply, Request, json_reply
 
 from certs import pki, sslctx
 
@@ -35,40 +35,27 @@ class Account:
     audiences: tuple[str, ...] = ("https://kubernetes.default.svc",)
 
 
-@dataclass
-class FakeTokenReview:
+class FakeTokenReview(FakeServer):
     """The TokenReview API with a self-made CA; ``ca_pem`` is what clients trust."""
 
-    caller_token: str = "identity-service-sa-token"
-    accounts: dict[str, Account] = field(default_factory=dict)
-    reviews: list[dict[str, Any]] = field(default_factory=list)
-    port: int = 0
-
-    def __post_init__(self) -> None:
+    def __init__(self, caller_token: str = "identity-service-sa-token",
+                 accounts: dict[str, Account] | None = None, port: int = 0) -> None:
         now = datetime.now(UTC)
         ca_key, key = pki.new_key(), pki.new_key()
         ca = pki.make_anchor("kubernetes.test", ca_key, now=now - timedelta(minutes=1))
         cert = pki.issue_leaf(key.public_key(), ca, ca_key, now=now, dns=["localhost"],
                               ips=[ipaddress.ip_address("127.0.0.1")])
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sslctx.load_chain(tls, [cert], key)
+        super().__init__(tls)
+        self.port = port
         self.ca_pem = pki.cert_pem(ca)
-        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        sslctx.load_chain(self._tls, [cert], key)
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
-                                                  ssl=self._tls)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.caller_token = caller_token
+        self.accounts: dict[str, Account] = {} if accounts is None else accounts
+        self.reviews: list[dict[str, Any]] = []
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        await self.go_down()
 
     def review(self, bearer: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """The API server's decision, as (HTTP status, object)."""
@@ -93,36 +80,8 @@ class FakeTokenReview:
         return 201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                      "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
-        head: h11.Request | None = None
-        body = b""
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                elif isinstance(event, h11.Request):
-                    head = event
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-            if head is None:
-                return
-            headers = {k.decode().lower(): v.decode() for k, v in head.headers}
-            bearer = headers.get("authorization", "").removeprefix("Bearer ")
-            if head.method != b"POST" or head.target != PATH.encode():
-                status, obj = 404, {"kind": "Status", "code": 404}
-            else:
-                status, obj = self.review(bearer, json.loads(body))
-            data = json.dumps(obj).encode()
-            writer.write(conn.send(h11.Response(status_code=status, headers=[
-                ("content-type", "application/json"), ("content-length", str(len(data)))])))
-            writer.write(conn.send(h11.Data(data=data)))
-            writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
-        except (h11.ProtocolError, ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
+    async def handle(self, request: Request) -> Reply:
+        if request.method != "POST" or request.path != PATH:
+            return json_reply(404, {"kind": "Status", "code": 404})
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return json_reply(*self.review(bearer, json.loads(request.body)))

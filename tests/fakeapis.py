@@ -54,6 +54,8 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]
     at: float
+    method: str = "GET"
+    body: bytes = b""
 
 
 class FakeServer:
@@ -122,18 +124,22 @@ class FakeServer:
     async def _read_request(self, conn: h11.Connection,
                             reader: asyncio.StreamReader) -> Request | None:
         head: h11.Request | None = None
+        body = b""
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 conn.receive_data(await reader.read(65536))
             elif isinstance(event, h11.Request):
                 head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
             elif isinstance(event, h11.EndOfMessage) and head is not None:
                 parts = urlsplit(head.target.decode("ascii"))
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in head.headers}
                 self.requests.append(Request(unquote(parts.path),
                                              parse_qs(parts.query, keep_blank_values=True),
-                                             headers, time.monotonic()))
+                                             headers, time.monotonic(),
+                                             head.method.decode("ascii"), body))
                 return self.requests[-1]
             elif isinstance(event, h11.ConnectionClosed):
                 return None
