@@ -304,6 +304,21 @@ def endpoint(ip: str, *, ready: bool | None = True, zone: str | None = None,
     return ep
 
 
+def slice_obj(name: str, eps: list[dict[str, Any]], ports: list[tuple[str, int]], *,
+              service: str = "web", rv: str = "1", address_type: str = "IPv4"
+              ) -> dict[str, Any]:
+    """An EndpointSlice of ``service`` with these endpoints and (name, port) pairs."""
+    return {"kind": "EndpointSlice", "addressType": address_type, "endpoints": eps,
+            "metadata": {"name": name, "resourceVersion": rv,
+                         "labels": {SERVICE_LABEL: service}},
+            "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports]}
+
+
+def event(kind: str, obj: dict[str, Any]) -> bytes:
+    """One line of a watch stream (without its newline)."""
+    return json.dumps({"type": kind, "object": obj}).encode()
+
+
 def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": message, "reason": reason, "code": code}

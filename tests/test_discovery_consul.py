@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 from fakeapis import FakeConsul, Harness, StateLog, hostports
 from hypothesis import given
 from hypothesis import strategies as st
+from namer_scenario import FAST, FixedRandom, fresh
 
 from appliance.discovery.base import NEG, Address, AddrState
 from appliance.discovery.consul import (
@@ -29,17 +29,6 @@ from appliance.discovery.consul import (
 )
 from appliance.discovery.registry import build_namers
 from appliance.net.namer_consul import ConsulNamer
-
-
-class FixedRandom(random.Random):
-    """random() always returns ``value``: backoff delays become exact."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 def entry(address: str, port: int, *, node_address: str = "10.0.0.9", weight: Any = 3,
@@ -247,7 +236,6 @@ def test_backoff_bounds(base: float, cap: float, failures: int, draw: float) -> 
 
 # -- the namer against the stand-in ----------------------------------------------------
 
-FAST = {"min_delay": 0.01, "backoff_base": 0.05, "backoff_max": 0.2, "timeout": 2}
 Scenario = Callable[[FakeConsul, ConsulNamer, Harness], Awaitable[None]]
 
 
@@ -272,23 +260,19 @@ def run(scenario: Scenario, **options: Any) -> None:
     asyncio.run(main())
 
 
-def is_set(*hostport: str) -> Callable[[AddrState], bool]:
-    return lambda s: s.kind == "bound" and not s.stale and hostports(s) == set(hostport)
-
-
 def test_updates_are_pushed_through_the_watch() -> None:
     """Registering, failing health and deregistering reach the watch within a deadline."""
     async def scenario(agent: FakeConsul, namer: ConsulNamer, harness: Harness) -> None:
         agent.register("web", "w1", "10.1.0.1", 8080, meta={"version": "1"})
         log = StateLog(namer.watch((".local", "web")))
-        state = await log.until(is_set("10.1.0.1:8080"))
+        state = await log.until(fresh("10.1.0.1:8080"))
         assert dict(next(iter(state.addrs)).meta) == {"version": "1", "datacenter": "dc1",
                                                        "node": "node1"}
         agent.register("web", "w2", "10.1.0.2", 8080, weight=5)
-        state = await log.until(is_set("10.1.0.1:8080", "10.1.0.2:8080"))
+        state = await log.until(fresh("10.1.0.1:8080", "10.1.0.2:8080"))
         assert {a.weight for a in state.addrs} == {1.0, 5.0}
         agent.set_passing("web", "w1", False)
-        await log.until(is_set("10.1.0.2:8080"))
+        await log.until(fresh("10.1.0.2:8080"))
         agent.deregister("web", "w2")
         await log.until(lambda s: s.kind == "neg")
         assert harness.failures() == []
@@ -300,10 +284,10 @@ def test_blocking_queries_carry_the_last_index_and_wait() -> None:
     async def scenario(agent: FakeConsul, namer: ConsulNamer, harness: Harness) -> None:
         agent.register("web", "w1", "10.1.0.1", 80)
         log = StateLog(namer.watch(("dc1", "web")))
-        await log.until(is_set("10.1.0.1:80"))
+        await log.until(fresh("10.1.0.1:80"))
         first_index = agent.index
         agent.register("web", "w2", "10.1.0.2", 80)
-        await log.until(is_set("10.1.0.1:80", "10.1.0.2:80"))
+        await log.until(fresh("10.1.0.1:80", "10.1.0.2:80"))
         reqs = agent.health_requests("web")
         assert "index" not in reqs[0].query
         assert reqs[1].query["index"] == [str(first_index)]
@@ -369,7 +353,7 @@ def test_token_tag_and_consistency_reach_the_agent() -> None:
         agent.register("web", "w1", "10.1.0.1", 80, tags=("canary",))
         agent.register("web", "w2", "10.1.0.2", 80)
         log = StateLog(namer.watch(("dc1", "web")))
-        await log.until(is_set("10.1.0.1:80"))
+        await log.until(fresh("10.1.0.1:80"))
         request = agent.health_requests("web")[0]
         assert request.headers["x-consul-token"] == "s3cret"
         assert request.query["tag"] == ["canary"] and "stale" in request.query
@@ -392,7 +376,7 @@ def test_outage_keeps_last_good_stale_then_recovers() -> None:
     async def scenario(agent: FakeConsul, namer: ConsulNamer, harness: Harness) -> None:
         agent.register("web", "w1", "10.1.0.1", 80)
         log = StateLog(namer.watch(("dc1", "web")))
-        await log.until(is_set("10.1.0.1:80"))
+        await log.until(fresh("10.1.0.1:80"))
         await agent.go_down()
         stale = await log.until(lambda s: s.stale)
         assert stale.kind == "bound" and hostports(stale) == {"10.1.0.1:80"}
@@ -401,7 +385,7 @@ def test_outage_keeps_last_good_stale_then_recovers() -> None:
         assert len(harness.failures()) >= 2 and log.last.stale
         agent.register("web", "w2", "10.1.0.2", 80)
         await agent.go_up()
-        await log.until(is_set("10.1.0.1:80", "10.1.0.2:80"))
+        await log.until(fresh("10.1.0.1:80", "10.1.0.2:80"))
         assert harness.reports[-1][2] is True
     run(scenario)
 
@@ -411,13 +395,13 @@ def test_bad_json_keeps_last_good_and_is_reported() -> None:
     async def scenario(agent: FakeConsul, namer: ConsulNamer, harness: Harness) -> None:
         agent.register("web", "w1", "10.1.0.1", 80)
         log = StateLog(namer.watch(("dc1", "web")))
-        await log.until(is_set("10.1.0.1:80"))
+        await log.until(fresh("10.1.0.1:80"))
         agent.bodies.append(b'[{"Node": ')
         agent.register("web", "w2", "10.1.0.2", 80)
         stale = await log.until(lambda s: s.stale)
         assert hostports(stale) == {"10.1.0.1:80"} and "not JSON" in stale.error
         assert any("not JSON" in e for e in harness.failures())
-        await log.until(is_set("10.1.0.1:80", "10.1.0.2:80"))
+        await log.until(fresh("10.1.0.1:80", "10.1.0.2:80"))
     run(scenario)
 
 
@@ -474,6 +458,6 @@ def test_a_bug_is_reported_and_the_source_goes_on(monkeypatch: pytest.MonkeyPatc
     async def scenario(agent: FakeConsul, namer: ConsulNamer, harness: Harness) -> None:
         agent.register("web", "w1", "10.1.0.1", 80)
         log = StateLog(namer.watch(("dc1", "web")))
-        await log.until(is_set("10.1.0.1:80"))
+        await log.until(fresh("10.1.0.1:80"))
         assert log.states[1].error == "internal error: RuntimeError('boom')"
     run(scenario)

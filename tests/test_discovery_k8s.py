@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,13 +16,16 @@ from fakeapis import (
     Harness,
     StateLog,
     endpoint,
+    event,
     hostports,
     self_signed,
     server_tls,
+    slice_obj,
     status_object,
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from namer_scenario import FAST, FixedRandom, fresh, until
 
 from appliance.discovery.base import NEG, AddrState
 from appliance.discovery.consul import Backoff, DecodeError, Failure
@@ -40,20 +42,6 @@ from appliance.discovery.k8s import (
 from appliance.discovery.k8s_listwatch import Changed, LineSplitter
 from appliance.discovery.registry import build_namers
 from appliance.net.namer_k8s import K8sNamer, TokenError, TokenFile
-
-
-def slice_obj(name: str, eps: list[dict[str, Any]], ports: list[tuple[str, int]], *,
-              service: str = "web", rv: str = "1", address_type: str = "IPv4"
-              ) -> dict[str, Any]:
-    return {"kind": "EndpointSlice", "addressType": address_type, "endpoints": eps,
-            "metadata": {"name": name, "resourceVersion": rv,
-                         "labels": {"kubernetes.io/service-name": service}},
-            "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports]}
-
-
-def event(kind: str, obj: dict[str, Any]) -> bytes:
-    return json.dumps({"type": kind, "object": obj}).encode()
-
 
 # -- pure -------------------------------------------------------------------------------
 
@@ -202,15 +190,10 @@ def test_line_splitter_limit() -> None:
         LineSplitter(limit=10).feed(b"x" * 11)
 
 
-class Half(random.Random):
-    def random(self) -> float:
-        return 0.5
-
-
 def machine(**options: Any) -> SliceWatch:
     opts = K8sOptions.from_mapping({"min_delay": 1, "backoff_base": 2, "backoff_max": 8,
                                     "api_url": "http://x", **options})
-    return SliceWatch("default", "web", opts, Backoff(2, 8, Half()))
+    return SliceWatch("default", "web", opts, Backoff(2, 8, FixedRandom(0.5)))
 
 
 def listed(m: SliceWatch, rv: str = "10") -> None:
@@ -331,7 +314,6 @@ def test_token_file_rereads_only_on_change(tmp_path: Any) -> None:
 
 # -- the namer against the stand-in ----------------------------------------------------
 
-FAST = {"min_delay": 0.01, "backoff_base": 0.05, "backoff_max": 0.2, "timeout": 2}
 Scenario = Callable[[FakeK8s, K8sNamer, Harness], Awaitable[None]]
 
 
@@ -355,17 +337,6 @@ def run(scenario: Scenario, **options: Any) -> None:
         async with FakeK8s() as api, k8s_namer(api, **options) as (namer, harness):
             await scenario(api, namer, harness)
     asyncio.run(main())
-
-
-def fresh(*hostport: str) -> Callable[[AddrState], bool]:
-    return lambda s: s.kind == "bound" and not s.stale and hostports(s) == set(hostport)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition on the API server's side, with a deadline."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def test_list_then_watch_pushes_every_change() -> None:

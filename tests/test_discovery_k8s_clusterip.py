@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,12 +16,15 @@ from fakeapis import (
     Harness,
     StateLog,
     endpoint,
+    event,
     hostports,
     service_port,
+    slice_obj,
     status_object,
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from namer_scenario import FAST, FixedRandom, fresh, until
 
 from appliance.discovery.base import PENDING, Address, AddrState
 from appliance.discovery.consul import Backoff, DecodeError, Failure
@@ -56,18 +58,6 @@ def svc_obj(name: str, cluster_ip: Any, ports: list[dict[str, Any]], *,
         spec["clusterIP"] = cluster_ip
     return {"kind": "Service", "metadata": {"name": name, "namespace": namespace,
                                             "resourceVersion": rv}, "spec": spec}
-
-
-def slice_obj(name: str, eps: list[dict[str, Any]], ports: list[tuple[str, int]], *,
-              service: str = "web", address_type: str = "IPv4") -> dict[str, Any]:
-    return {"kind": "EndpointSlice", "addressType": address_type, "endpoints": eps,
-            "metadata": {"name": name, "resourceVersion": "1",
-                         "labels": {"kubernetes.io/service-name": service}},
-            "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports]}
-
-
-def event(kind: str, obj: dict[str, Any]) -> bytes:
-    return json.dumps({"type": kind, "object": obj}).encode()
 
 
 HTTP = service_port(80, "web", "http")
@@ -277,14 +267,9 @@ def test_degrade_table(state: AddrState, expected: AddrState) -> None:
 # -- pure: the Services list+watch -------------------------------------------------------
 
 
-class Half(random.Random):
-    def random(self) -> float:
-        return 0.5
-
-
 def machine(namespace: str | None = None) -> ServiceWatch:
     opts = ClusterIPOptions.from_mapping({"min_delay": 1, "api_url": "http://x"})
-    return ServiceWatch(namespace, opts, Backoff(2, 8, Half()))
+    return ServiceWatch(namespace, opts, Backoff(2, 8, FixedRandom(0.5)))
 
 
 def listed(m: ServiceWatch) -> None:
@@ -360,7 +345,6 @@ def test_every_cluster_ip_port_resolves_to_its_service(pairs: list[tuple[Any, in
 
 # -- the namer against the stand-in ----------------------------------------------------
 
-FAST = {"min_delay": 0.01, "backoff_base": 0.05, "backoff_max": 0.2, "timeout": 2}
 Scenario = Callable[[FakeK8s, ClusterIPNamer, Harness], Awaitable[None]]
 VIP = ("10.96.0.10:80",)
 
@@ -385,19 +369,8 @@ def run(scenario: Scenario, **options: Any) -> None:
     asyncio.run(main())
 
 
-def fresh(*hostport: str) -> Callable[[AddrState], bool]:
-    return lambda s: s.kind == "bound" and not s.stale and hostports(s) == set(hostport)
-
-
 def neg(s: AddrState) -> bool:
     return s.kind == "neg"
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition on the API server's side, with a deadline."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def web(api: FakeK8s) -> None:
