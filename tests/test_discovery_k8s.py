@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from namer_scenario import FAST, FixedRandom, fresh, until
 
 from appliance.discovery.base import NEG, AddrState
-from appliance.discovery.consul import Backoff, DecodeError, Failure
 from appliance.discovery.k8s import (
     K8sName,
     K8sOptions,
@@ -41,6 +40,7 @@ from appliance.discovery.k8s import (
 )
 from appliance.discovery.k8s_listwatch import Changed, LineSplitter
 from appliance.discovery.registry import build_namers
+from appliance.discovery.remote import Backoff, DecodeError, Failure
 from appliance.net.namer_k8s import K8sNamer, TokenError, TokenFile
 
 # -- pure -------------------------------------------------------------------------------

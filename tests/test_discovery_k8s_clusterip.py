@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from namer_scenario import FAST, FixedRandom, fresh, until
 
 from appliance.discovery.base import PENDING, Address, AddrState
-from appliance.discovery.consul import Backoff, DecodeError, Failure
 from appliance.discovery.k8s import decode_slice
 from appliance.discovery.k8s_clusterip import (
     ClusterIPOptions,
@@ -45,6 +44,7 @@ from appliance.discovery.k8s_clusterip import (
 )
 from appliance.discovery.k8s_listwatch import Changed
 from appliance.discovery.registry import build_namers
+from appliance.discovery.remote import Backoff, DecodeError, Failure
 from appliance.net.namer_k8s_clusterip import ClusterIPNamer
 
 

@@ -24,106 +24,25 @@ the requests and passes in the clock's ``now``, so every decision is tested exac
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from appliance.discovery.base import NEG, Address, AddrState, Name, bound
-from appliance.discovery.registry import check_options
+from appliance.discovery.remote import (
+    Backoff,
+    DecodeError,
+    Failure,
+    OptionReader,
+    Update,
+    check_backoff,
+)
 
 KIND = "io.l5d.consul"
 LOCAL_DC = ".local"
 CONSISTENCY_MODES = ("default", "stale", "consistent")
-_REGISTRY_KEYS = frozenset({"kind", "prefix"})
-
-
-class DecodeError(ValueError):
-    """An API answer is not the JSON shape the namer expects; the message says where."""
-
-
-# -- shared by the Consul and Kubernetes namers ------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """The source answered: the watch should show ``state``."""
-
-    state: AddrState
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """The source failed: keep the last good set (stale) and report ``error``."""
-
-    error: str
-
-
-class Backoff:
-    """Exponential backoff with "equal jitter": after ``n`` consecutive failures wait
-    between half and all of ``min(cap, base * 2**(n-1))`` seconds, drawn from ``rng``."""
-
-    def __init__(self, base: float, cap: float, rng: random.Random) -> None:
-        self.base = base
-        self.cap = cap
-        self.rng = rng
-
-    def delay(self, failures: int) -> float:
-        if failures <= 0:
-            return 0.0
-        ceiling = min(self.cap, self.base * 2.0 ** min(failures - 1, 60))
-        return ceiling / 2 + self.rng.random() * ceiling / 2
-
-
-class OptionReader:
-    """Reads a namer's option mapping (``kind`` and ``prefix`` already taken out by the
-    registry). Every error is a ``ValueError`` whose message begins with the option name, so
-    the registry's ``namers[i].`` prefix completes it; unknown options are errors (they are
-    usually typos)."""
-
-    def __init__(self, options: Mapping[str, Any], known: Iterable[str]) -> None:
-        if not isinstance(options, Mapping):
-            raise ValueError(f"options: expected a mapping, got {options!r}")
-        check_options({k: v for k, v in options.items() if k not in _REGISTRY_KEYS},
-                      optional=known)
-        self.options = options
-
-    def text(self, key: str, default: str | None) -> str | None:
-        value = self.options.get(key, default)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ValueError(f"{key}: bad value {value!r} (expected a non-empty string)")
-        return value
-
-    def number(self, key: str, default: float, low: float, high: float) -> float:
-        value = self.options.get(key, default)
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                low <= value <= high):
-            raise ValueError(f"{key}: bad value {self.options.get(key)!r} (expected seconds "
-                             f"from {low:g} to {high:g})")
-        return float(value)
-
-    def port(self, key: str, default: int) -> int:
-        value = self.options.get(key, default)
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-            raise ValueError(f"{key}: bad value {self.options.get(key)!r} "
-                             f"(expected a port, 1-65535)")
-        return value
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.options.get(key, default)
-        if value not in allowed:
-            raise ValueError(f"{key}: bad value {value!r} (expected one of "
-                             f"{', '.join(allowed)})")
-        return str(value)
 
 
 # -- Consul ------------------------------------------------------------------------------
@@ -167,14 +86,8 @@ class ConsulOptions:
             tag=o.text("tag", None),
             consistency_mode=o.choice("consistency_mode", cls.consistency_mode,
                                       CONSISTENCY_MODES),
-            wait=o.number("wait", cls.wait, 1, 600),
-            min_delay=o.number("min_delay", cls.min_delay, 0, 60),
-            backoff_base=o.number("backoff_base", cls.backoff_base, 0.001, 60),
-            backoff_max=o.number("backoff_max", cls.backoff_max, 0.001, 3600),
-            timeout=o.number("timeout", cls.timeout, 0.1, 600))
-        if opts.backoff_max < opts.backoff_base:
-            raise ValueError(f"backoff_max: bad value {opts.backoff_max:g} (expected at least "
-                             f"backoff_base, {opts.backoff_base:g})")
+            wait=o.number("wait", cls.wait, 1, 600), **o.timing(cls))
+        check_backoff(opts)
         return opts
 
     @property

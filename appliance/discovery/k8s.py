@@ -24,8 +24,8 @@ from types import MappingProxyType
 from typing import Any, Self
 
 from appliance.discovery.base import NEG, Address, AddrState, Name, bound
-from appliance.discovery.consul import Backoff, DecodeError, OptionReader
 from appliance.discovery.k8s_listwatch import ListWatch, as_list, as_object, collection_path
+from appliance.discovery.remote import Backoff, DecodeError, OptionReader, check_backoff
 
 KIND = "io.l5d.k8s"
 SERVICE_LABEL = "kubernetes.io/service-name"
@@ -90,9 +90,7 @@ class K8sOptions:
         """Validate a ``namers:`` entry's options; ``ValueError`` names the bad one."""
         o = OptionReader(options, cls.__dataclass_fields__)
         opts = cls(**cls._read(o))
-        if opts.backoff_max < opts.backoff_base:
-            raise ValueError(f"backoff_max: bad value {opts.backoff_max:g} (expected at least "
-                             f"backoff_base, {opts.backoff_base:g})")
+        check_backoff(opts)
         return opts
 
     @classmethod
@@ -105,10 +103,7 @@ class K8sOptions:
             api_url=api_url.rstrip("/") if api_url else None,
             token_file=o.text("token_file", None), ca_file=o.text("ca_file", None),
             watch_timeout=o.number("watch_timeout", cls.watch_timeout, 1, 3600),
-            min_delay=o.number("min_delay", cls.min_delay, 0, 60),
-            backoff_base=o.number("backoff_base", cls.backoff_base, 0.001, 60),
-            backoff_max=o.number("backoff_max", cls.backoff_max, 0.001, 3600),
-            timeout=o.number("timeout", cls.timeout, 0.1, 600))
+            **o.timing(cls))
 
 
 def in_cluster_url(env: Mapping[str, str]) -> str:

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.discovery.base import PENDING, AddrState, Name
-from appliance.discovery.consul import Backoff, DecodeError, OptionReader
 from appliance.discovery.k8s import DNS_LABEL, K8sOptions, Slice, endpoint_state
 from appliance.discovery.k8s_listwatch import ListWatch, as_list, as_object, collection_path
+from appliance.discovery.remote import Backoff, DecodeError, OptionReader
 
 KIND = "io.l5d.k8s.clusterip"
 

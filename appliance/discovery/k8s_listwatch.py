@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlencode
 
-from appliance.discovery.consul import Backoff, DecodeError, Failure
+from appliance.discovery.remote import Backoff, DecodeError, Failure
 
 MAX_LINE = 16 * 1024 * 1024
 T = TypeVar("T")

@@ -16,15 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from appliance.discovery.base import AddrState, Name, Namer, NamerContext, Watch
-from appliance.discovery.consul import (
-    KIND,
-    Backoff,
-    ConsulOptions,
-    ConsulQuery,
-    Failure,
-    Update,
-)
+from appliance.discovery.consul import KIND, ConsulOptions, ConsulQuery
 from appliance.discovery.registry import register
+from appliance.discovery.remote import Backoff, Failure, Update
 from appliance.net import httpclient
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from appliance.discovery.base import AddrState, Name, Namer, NamerContext, Watch
-from appliance.discovery.consul import Backoff, DecodeError, Failure
 from appliance.discovery.k8s import (
     CA_FILE,
     KIND,
@@ -34,6 +33,7 @@ from appliance.discovery.k8s import (
 )
 from appliance.discovery.k8s_listwatch import Changed, LineSplitter, ListWatch, Outcome
 from appliance.discovery.registry import register
+from appliance.discovery.remote import Backoff, DecodeError, Failure
 from appliance.net import httpclient
 from appliance.net.namer_consul import cancel_all, tls_context
 

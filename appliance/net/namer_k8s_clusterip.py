@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from appliance.discovery.base import PENDING, AddrState, Name, Namer, NamerContext, Watch
-from appliance.discovery.consul import Backoff, Failure
 from appliance.discovery.k8s import SliceWatch
 from appliance.discovery.k8s_clusterip import (
     KIND,
@@ -39,6 +38,7 @@ from appliance.discovery.k8s_clusterip import (
 )
 from appliance.discovery.k8s_listwatch import Changed, ListWatch, Outcome
 from appliance.discovery.registry import register
+from appliance.discovery.remote import Backoff, Failure
 from appliance.net.namer_consul import cancel_all
 from appliance.net.namer_k8s import ApiClient, list_watch
 
