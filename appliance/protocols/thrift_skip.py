@@ -25,6 +25,7 @@ Pure: bytes in, a position out. No sockets, no clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from struct import unpack_from
 
 MALFORMED = "malformed"
@@ -62,9 +63,12 @@ _C_WIDTH = {C_TRUE: 1, C_FALSE: 1, C_BYTE: 1, C_DOUBLE: 8, C_UUID: 16}
 _C_VARINT = {C_I16: 3, C_I32: 5, C_I64: 10}  # most bytes of each zig-zag varint
 _MAX_SIZE = (1 << 31) - 1
 
+_NO_VARINTS: dict[int, int] = {}  # the binary protocol has fixed-width integers
+
 # Frame kinds; a frame is [kind, remaining, type1, type2]. A struct frame keeps the type
 # of the field whose header was read and whose value is next in type1 (-1: none).
 _STRUCT, _LIST, _MAP = 0, 1, 2
+_Value = Callable[[bytes | bytearray, int, int], bool]  # skips one value of a type
 
 
 def _short(end: int, limit: int) -> bool:
@@ -113,12 +117,55 @@ class Skipper:
     def run(self, buf: bytes | bytearray) -> bool:
         """Advance as far as ``buf`` allows; True once the struct is complete."""
         n = min(len(buf), self.limit)  # bytes past the limit count as never coming
-        step = self._step_compact if self.compact else self._step_binary
+        if self.compact:
+            value, fields, widths, varints = (self._value_compact, self._fields_compact,
+                                              _C_WIDTH, _C_VARINT)
+        else:
+            value, fields, widths, varints = (self._value_binary, self._fields_binary,
+                                              _B_WIDTH, _NO_VARINTS)
         stack = self.stack
         while stack:
-            if not step(buf, n, stack[-1]):
+            frame = stack[-1]
+            if frame[0] != _STRUCT:
+                done = self._element(buf, n, frame, value, widths, varints)
+            elif frame[2] < 0:
+                done = fields(buf, n, frame)
+            elif value(buf, n, frame[2]):
+                frame[2] = -1
+                done = True
+            else:
+                done = False
+            if not done:
                 return False
         return True
+
+    def _element(self, buf: bytes | bytearray, n: int, frame: list[int], value: _Value,
+                 widths: dict[int, int], varints: dict[int, int]) -> bool:
+        """The next element of a list, set or map frame; a run of fixed-width (or, compact,
+        varint) list elements is skipped in one step."""
+        remaining = frame[1]
+        if remaining == 0:
+            self.stack.pop()
+            return True
+        kind = frame[0]
+        t = frame[2] if kind == _LIST or remaining % 2 == 0 else frame[3]
+        if kind == _LIST:
+            width = widths.get(t)
+            if width is not None:
+                pos = self.pos
+                k = min(remaining, (n - pos) // width)
+                if k == 0:
+                    return _short(pos + width, self.limit)
+                self.pos = pos + k * width
+                frame[1] = remaining - k
+                return True
+            most = varints.get(t)
+            if most is not None:
+                return self._varint_run(buf, n, frame, most)
+        if value(buf, n, t):
+            frame[1] = remaining - 1
+            return True
+        return False
 
     def _push(self, frame: list[int]) -> None:
         if len(self.stack) >= self.max_depth:
@@ -126,35 +173,6 @@ class Skipper:
         self.stack.append(frame)
 
     # --- binary protocol ---------------------------------------------------------------
-    def _step_binary(self, buf: bytes | bytearray, n: int, frame: list[int]) -> bool:
-        pos = self.pos
-        kind = frame[0]
-        if kind == _STRUCT:
-            t = frame[2]
-            if t >= 0:
-                if self._value_binary(buf, n, t):
-                    frame[2] = -1
-                    return True
-                return False
-            return self._fields_binary(buf, n, frame)
-        remaining = frame[1]
-        if remaining == 0:
-            self.stack.pop()
-            return True
-        t = frame[2] if kind == _LIST or remaining % 2 == 0 else frame[3]
-        width = _B_WIDTH.get(t) if kind == _LIST else None
-        if width is not None:  # a run of fixed-width elements: one jump
-            k = min(remaining, (n - pos) // width)
-            if k == 0:
-                return _short(pos + width, self.limit)
-            self.pos = pos + k * width
-            frame[1] = remaining - k
-            return True
-        if self._value_binary(buf, n, t):
-            frame[1] = remaining - 1
-            return True
-        return False
-
     def _fields_binary(self, buf: bytes | bytearray, n: int, frame: list[int]) -> bool:
         """A struct's fields, one after another while each is whole in the buffer: the
         common flat case costs one call, not two per field. A composite value, or one
@@ -238,39 +256,6 @@ class Skipper:
         self.pos = end
 
     # --- compact protocol --------------------------------------------------------------
-    def _step_compact(self, buf: bytes | bytearray, n: int, frame: list[int]) -> bool:
-        pos = self.pos
-        kind = frame[0]
-        if kind == _STRUCT:
-            t = frame[2]
-            if t >= 0:
-                if self._value_compact(buf, n, t):
-                    frame[2] = -1
-                    return True
-                return False
-            return self._fields_compact(buf, n, frame)
-        remaining = frame[1]
-        if remaining == 0:
-            self.stack.pop()
-            return True
-        t = frame[2] if kind == _LIST or remaining % 2 == 0 else frame[3]
-        if kind == _LIST:
-            width = _C_WIDTH.get(t)
-            if width is not None:
-                k = min(remaining, (n - pos) // width)
-                if k == 0:
-                    return _short(pos + width, self.limit)
-                self.pos = pos + k * width
-                frame[1] = remaining - k
-                return True
-            most = _C_VARINT.get(t)
-            if most is not None:
-                return self._varint_run(buf, n, frame, most)
-        if self._value_compact(buf, n, t):
-            frame[1] = remaining - 1
-            return True
-        return False
-
     def _fields_compact(self, buf: bytes | bytearray, n: int, frame: list[int]) -> bool:
         """As :meth:`_fields_binary`, for the compact protocol."""
         pos = self.pos
