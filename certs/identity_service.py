@@ -40,8 +40,11 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
+from cryptography import x509
+
 from certs import dnsnames, http11, meshed, pki, signing, spiffe, sslctx, store
 from certs.auth import Authenticator, AuthError
+from certs.tokens import Subject
 
 log = logging.getLogger("appliance.identity.service")
 
@@ -234,14 +237,20 @@ class IdentityService:
             return 200, {"status": "ok"}
         return 404, {"error": f"no such path {req.path!r} (try /v1/certify, /v1/meshed)"}
 
+    async def _authorize(self, body: bytes
+                         ) -> tuple[x509.CertificateSigningRequest, Subject, store.Issuer]:
+        """A signing request's CSR, whose token it carries and the issuer to sign with
+        (re-read if it changed on disk); CertifyError or AuthError when refused."""
+        request = signing.parse_body(body)
+        csr = signing.load_csr(request.csr_pem)
+        subject = await self.auth.authenticate(request.token)
+        self.reload_issuer()
+        return csr, subject, self.issuer
+
     async def certify(self, body: bytes, peer: str) -> tuple[int, dict[str, object]]:
         """Authenticate, check and sign one CSR."""
         try:
-            request = signing.parse_body(body)
-            csr = signing.load_csr(request.csr_pem)
-            subject = await self.auth.authenticate(request.token)
-            self.reload_issuer()
-            issuer = self.issuer
+            csr, subject, issuer = await self._authorize(body)
             signed = signing.sign(
                 csr, subject, issuer.key, issuer.cert, trust_domain=issuer.trust_domain,
                 peer=peer, policy=self.options.address_policy, now=pki.utc(self.clock()),
@@ -259,11 +268,7 @@ class IdentityService:
     async def certify_dns(self, body: bytes, peer: str) -> tuple[int, dict[str, object]]:
         """Authenticate and sign a CSR for DNS names (TLS termination), when granted."""
         try:
-            request = signing.parse_body(body)
-            csr = signing.load_csr(request.csr_pem)
-            subject = await self.auth.authenticate(request.token)
-            self.reload_issuer()
-            issuer = self.issuer
+            csr, subject, issuer = await self._authorize(body)
             leaf = signing.sign_dns(
                 csr, subject, issuer.key, issuer.cert, trust_domain=issuer.trust_domain,
                 grants=self.options.dns_grants, now=pki.utc(self.clock()),
