@@ -1,23 +1,62 @@
-"""A meshed client/server pair for the end-to-end netns tests, and their waiting helpers.
+"""A meshed client/server pair, or a client and two replicas, for the end-to-end netns
+tests, and what those tests share: the apps' environment, a raw TCP client, waiting helpers.
 
-Both hosts get rules by ``appliance init`` and ``appliance proxy`` as UID 2102 (see
+Every host gets rules by ``appliance init`` and ``appliance proxy`` as UID 2102 (see
 ``init.mesh``); on failure, ``diag()`` gathers every log so the assertion message says what
 happened.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
 from appliance.telemetry import scrape
 from init.mesh import MeshNode
 from init.netns import Network
+
+PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "grpc_proxy", "all_proxy",
+                             "no_proxy"})
+
+# Sends raw bytes (hex argv) without half-closing; reports what came back and how the
+# connection ended: "eof" (closed by the peer), "reset", or "open" (still open at the
+# deadline, ``timeout`` s after connecting). Argv: HOST PORT HEX TIMEOUT.
+RAW_CLIENT = r"""
+import json, socket, sys, time
+host, port, data, timeout = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), \
+    float(sys.argv[4])
+deadline = time.monotonic() + timeout
+sock = socket.create_connection((host, port), timeout=timeout)
+sock.sendall(data)
+reply, end = b"", "open"
+try:
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            end = "eof"
+            break
+        reply += chunk
+except ConnectionResetError:
+    end = "reset"
+except TimeoutError:
+    pass
+print(json.dumps({"reply": reply.decode("latin-1"), "end": end}))
+"""
+
+
+def app_env(**extra: str) -> dict[str, str]:
+    """The apps' environment: this machine's without its proxy settings (curl, urllib and
+    grpcio honour ``http_proxy``/``grpc_proxy``, and the apps must dial directly), grpcio
+    quiet, then ``extra`` (a test that wants an app to use a proxy sets it here)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARIABLES}
+    return {**env, "GRPC_VERBOSITY": "ERROR", **extra}
 
 
 @dataclass
@@ -44,6 +83,43 @@ class MeshPair:
             assert node.proc is not None and node.proc.poll() is None, self.diag(
                 f"{node.host.name} proxy exited")
             assert node.ready(), self.diag(f"{node.host.name} proxy not ready")
+
+
+@dataclass
+class MeshReplicas:
+    """A meshed client and two meshed replicas of one service, ``web1`` and ``web2``;
+    ``work`` holds the apps' files. A test subclasses it with its own clients."""
+
+    net: Network
+    client: MeshNode
+    web: list[MeshNode]
+    work: Path
+
+    @classmethod
+    def start(cls, network: Callable[..., Network], tmp_path: Path,
+              files: Mapping[str, str], **fields: Any) -> Self:
+        """The three hosts with rules installed and the replicas' proxies running; ``files``
+        (name to text) written to ``work``. The apps and the client's proxy, configured
+        per test, are left to the caller."""
+        net = network("client", "web1", "web2")
+        work = tmp_path / "work"
+        work.mkdir()
+        for name, text in files.items():
+            (work / name).write_text(text)
+        web = [MeshNode(net["web1"]), MeshNode(net["web2"])]
+        client = MeshNode(net["client"])
+        for node in (client, *web):
+            node.install_rules()
+        for node in web:
+            node.start_proxy()
+        return cls(net, client, web, work, **fields)
+
+    def diag(self, *extra: object) -> str:
+        """The given values and every proxy's log."""
+        parts = [brief(e) for e in extra]
+        for node in (self.client, *self.web):
+            parts.append(f"--- {node.host.name} proxy log:\n{node.log()}")
+        return "\n".join(parts)
 
 
 def meshed_pair(network: Callable[..., Network], mode: str) -> tuple[Network, MeshNode,

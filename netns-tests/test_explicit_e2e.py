@@ -4,14 +4,13 @@ HTTPS through a CONNECT tunnel (TLS end to end between curl and the server)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from meshpair import eventually
+from meshpair import app_env, eventually
 
 from init.mesh import MeshNode, start_app
 from init.netns import Network
@@ -41,12 +40,6 @@ srv.serve_forever()
 """
 
 
-def _env(**extra: str) -> dict[str, str]:
-    drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-    env = {k: v for k, v in os.environ.items() if k.lower() not in drop}
-    return {**env, **extra}
-
-
 def _cert(work: Path, ip: str) -> tuple[Path, Path]:
     cert, key = work / "server.pem", work / "server.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
@@ -69,9 +62,9 @@ def hosts(network: Callable[..., Network], tmp_path: Path) -> tuple[MeshNode, Me
     cert, key = _cert(tmp_path, server.host.addr)
     (tmp_path / "tls.py").write_text(TLS_SERVER)
     start_app(server.host, [sys.executable, str(tmp_path / "tls.py"), str(TLS_PORT),
-                            str(cert), str(key)], TLS_PORT, env=_env())
+                            str(cert), str(key)], TLS_PORT, env=app_env())
     start_app(server.host, [sys.executable, "-m", "http.server", str(HTTP_PORT), "--directory",
-                            str(tmp_path)], HTTP_PORT, env=_env())
+                            str(tmp_path)], HTTP_PORT, env=app_env())
     return client, server, tmp_path
 
 
@@ -83,7 +76,7 @@ def test_http_proxy_variable_reaches_the_server(hosts: tuple[MeshNode, MeshNode,
     done = client.host.run(["curl", "-sS", "--max-time", "20",
                             f"http://{server.host.addr}:{HTTP_PORT}/hello.txt"],
                            check=False, timeout=30,
-                           env=_env(http_proxy="http://127.0.0.1:4140"))
+                           env=app_env(http_proxy="http://127.0.0.1:4140"))
     assert done.stdout == "hello through the explicit proxy\n", (done.stderr, client.log())
     assert client.metric("request_total", direction="outbound") == 1
     eventually(lambda: server.metric("request_total", direction="inbound") == 1, 5,
@@ -98,7 +91,7 @@ def test_https_through_connect(hosts: tuple[MeshNode, MeshNode, Path]) -> None:
                             str(work / "server.pem"),
                             f"https://{server.host.addr}:{TLS_PORT}/"],
                            check=False, timeout=30,
-                           env=_env(https_proxy="http://127.0.0.1:4140"))
+                           env=app_env(https_proxy="http://127.0.0.1:4140"))
     assert done.stdout == "secret page over tls\n", (done.stderr, client.log())
     assert client.metric("tcp_open_total", direction="outbound", protocol="tunnel",
                          peer="dst") == 1, client.metrics()
@@ -111,6 +104,6 @@ def test_without_the_variable_nothing_is_proxied(
     (work / "direct.txt").write_text("direct\n")
     done = client.host.run(["curl", "-sS", "--max-time", "20",
                             f"http://{server.host.addr}:{HTTP_PORT}/direct.txt"],
-                           check=False, timeout=30, env=_env())
+                           check=False, timeout=30, env=app_env())
     assert done.stdout == "direct\n", done.stderr
     assert client.metric("request_total", direction="outbound") == 0

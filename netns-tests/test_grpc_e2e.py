@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshpair import MeshPair, delta, eventually, meshed_pair
+from meshpair import MeshPair, app_env, delta, eventually, meshed_pair
 
 from init.mesh import start_app
 from init.netns import Network
@@ -156,29 +155,13 @@ class GrpcMesh(MeshPair):
             done = self.client.host.run(
                 [sys.executable, str(self.work / "client.py"),
                  f"{self.server.host.addr}:{port}", str(plan_file), str(CALL_TIMEOUT)],
-                check=False, timeout=CALL_TIMEOUT * len(plan) + 15, env=_app_env())
+                check=False, timeout=CALL_TIMEOUT * len(plan) + 15, env=app_env())
         except subprocess.TimeoutExpired as exc:
             pytest.fail(self.diag(f"grpc client hung: {exc}"))
         assert done.returncode == 0, self.diag("grpc client failed", done.stderr)
         calls = [Call(**json.loads(line)) for line in done.stdout.splitlines()]
         assert [c.name for c in calls] == [n for n, _ in plan], self.diag(calls, done.stderr)
         return calls
-
-
-
-def _app_env() -> dict[str, str]:
-    """The apps' environment, without any proxy of the machine running the tests: grpcio
-    honours ``http_proxy``/``grpc_proxy``, and the apps must dial the server directly."""
-    drop = {"http_proxy", "https_proxy", "grpc_proxy", "all_proxy", "no_proxy"}
-    env = {k: v for k, v in os.environ.items() if k.lower() not in drop}
-    env["GRPC_VERBOSITY"] = "ERROR"
-    return env
-
-
-
-
-
-
 
 
 @pytest.fixture(params=MODES)
@@ -195,7 +178,7 @@ def grpc_mesh(request: pytest.FixtureRequest, network: Callable[..., Network],
     with m.app_log.open("w") as log:
         start_app(server.host, [sys.executable, "-u", str(work / "server.py"),
                                 str(GRPC_PORT)], GRPC_PORT, stdout=log,
-                  stderr=subprocess.STDOUT, env=_app_env())
+                  stderr=subprocess.STDOUT, env=app_env())
     return m  # the network fixture kills every process and removes the namespaces
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from meshpair import MeshPair, delta, eventually, meshed_pair
+from meshpair import RAW_CLIENT, MeshPair, delta, eventually, meshed_pair
 
 from appliance.telemetry import scrape
 from init.mesh import ECHO_SERVER, PROXY_UID, MeshNode, start_app
@@ -50,33 +50,6 @@ while data := sock.recv(65536):
 sender.join()
 open(dst, "wb").write(b"".join(chunks))
 """
-
-# Sends raw bytes (hex argv) without half-closing; reports what came back and how the
-# connection ended: "eof" (closed by the peer), "reset", or "open" (still open at the
-# deadline, ``timeout`` s after connecting).
-RAW_CLIENT = r"""
-import json, socket, sys, time
-host, port, data, timeout = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), \
-    float(sys.argv[4])
-deadline = time.monotonic() + timeout
-sock = socket.create_connection((host, port), timeout=timeout)
-sock.sendall(data)
-reply, end = b"", "open"
-try:
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        chunk = sock.recv(65536)
-        if not chunk:
-            end = "eof"
-            break
-        reply += chunk
-except ConnectionResetError:
-    end = "reset"
-except TimeoutError:
-    pass
-print(json.dumps({"reply": reply.decode("latin-1"), "end": end}))
-"""
-
 
 @dataclass
 class Response:

@@ -26,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from meshpair import eventually
+from meshpair import RAW_CLIENT, eventually
 
 from appliance.identity import tls as mesh_tls
 from certs import pki, store
@@ -87,26 +87,6 @@ try:
 except (OSError, ssl.SSLError) as exc:
     result["error"] = type(exc).__name__ + ": " + str(exc)
 print(json.dumps(result))
-"""
-
-RAW_CLIENT = r"""
-import json, socket, sys
-host, port, data = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
-s = socket.create_connection((host, port), timeout=5)
-s.sendall(data)
-reply, end = b"", "open"
-try:
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            end = "eof"
-            break
-        reply += chunk
-except ConnectionResetError:
-    end = "reset"
-except TimeoutError:
-    pass
-print(json.dumps({"reply": reply.decode("latin-1"), "end": end}))
 """
 
 # The steady load of the rotation test: every ``gap`` s one HTTP request and one fresh
@@ -326,7 +306,7 @@ def test_strict_server_refuses_plaintext_garbage_and_bad_certificates(mtls: Mtls
     plain = mtls.curl(mtls.url("/plain"), host=outsider)
     assert plain.returncode != 0 and not plain.stdout, mtls.diag(plain)
     garbage = mtls.python(outsider, RAW_CLIENT, server, str(APP_PORT),
-                          "16030100080100000400ffffff")
+                          "16030100080100000400ffffff", "5")
     assert garbage["reply"] == "" and garbage["end"] in ("eof", "reset"), mtls.diag(garbage)
 
     issuer = store.load_issuer(mtls.files / "ca", now=pki.utc(time.time()))

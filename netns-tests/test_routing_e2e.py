@@ -10,17 +10,15 @@ Each replica answers with its own name, so the tests see where every request wen
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from meshpair import brief, eventually
+from meshpair import MeshReplicas, app_env, eventually
 
-from init.mesh import MeshNode, start_app
+from init.mesh import start_app
 from init.netns import Network
 
 SERVICE_IP = "198.18.0.200"
@@ -72,25 +70,8 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
 """
 
 
-def _app_env() -> dict[str, str]:
-    drop = {"http_proxy", "https_proxy", "grpc_proxy", "all_proxy", "no_proxy"}
-    env = {k: v for k, v in os.environ.items() if k.lower() not in drop}
-    env["GRPC_VERBOSITY"] = "ERROR"
-    return env
-
-
-@dataclass
-class Replicas:
-    net: Network
-    client: MeshNode
-    web: list[MeshNode]
-    work: Path
-
-    def diag(self, *extra: object) -> str:
-        parts = [brief(e) for e in extra]
-        for node in (self.client, *self.web):
-            parts.append(f"--- {node.host.name} proxy log:\n{node.log()}")
-        return "\n".join(parts)
+class Replicas(MeshReplicas):
+    """The replicas answer HTTP and gRPC with their name."""
 
     def curl(self, count: int, *headers: str) -> list[str]:
         """``count`` GETs to the service address on one curl connection; the bodies."""
@@ -98,7 +79,7 @@ class Replicas:
         args = ["curl", "-sS", "--max-time", "30", "-w", "|%{http_code}\\n"]
         for h in headers:
             args += ["-H", h]
-        done = self.client.host.run(args + urls, check=False, timeout=60, env=_app_env())
+        done = self.client.host.run(args + urls, check=False, timeout=60, env=app_env())
         assert done.returncode == 0, self.diag("curl failed", done.stderr)
         answers = [line.rpartition("|") for line in done.stdout.splitlines()]
         assert all(code == "200" for _, _, code in answers), self.diag(done.stdout)
@@ -107,37 +88,30 @@ class Replicas:
     def grpc(self, count: int) -> list[str]:
         done = self.client.host.run(
             [sys.executable, str(self.work / "grpc_calls.py"), f"{SERVICE_IP}:{GRPC_PORT}",
-             str(count)], check=False, timeout=60, env=_app_env())
+             str(count)], check=False, timeout=60, env=app_env())
         assert done.returncode == 0, self.diag("grpc client failed", done.stderr)
         return json.loads(done.stdout)
 
 
 def replicas(network: Callable[..., Network], tmp_path: Path, *, balancer: str,
              web2_delay: float = 0.0) -> Replicas:
-    net = network("client", "web1", "web2")
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "named_http.py").write_text(NAMED_HTTP)
-    (work / "named_grpc.py").write_text(NAMED_GRPC)
-    (work / "grpc_calls.py").write_text(GRPC_CALLS)
-    web = [MeshNode(net["web1"]), MeshNode(net["web2"])]
-    client = MeshNode(net["client"])
-    for node in (client, *web):
-        node.install_rules()
-    for node, delay in zip(web, (0.0, web2_delay), strict=True):
-        node.start_proxy()
+    r = Replicas.start(network, tmp_path, {"named_http.py": NAMED_HTTP,
+                                           "named_grpc.py": NAMED_GRPC,
+                                           "grpc_calls.py": GRPC_CALLS})
+    for node, delay in zip(r.web, (0.0, web2_delay), strict=True):
         name = node.host.name
-        start_app(node.host, [sys.executable, str(work / "named_http.py"), str(HTTP_PORT),
-                              name, str(delay)], HTTP_PORT, env=_app_env())
-        start_app(node.host, [sys.executable, str(work / "named_grpc.py"), str(GRPC_PORT),
-                              name], GRPC_PORT, env=_app_env())
-    a, b = (node.host.addr for node in web)
+        start_app(node.host, [sys.executable, str(r.work / "named_http.py"), str(HTTP_PORT),
+                              name, str(delay)], HTTP_PORT, env=app_env())
+        start_app(node.host, [sys.executable, str(r.work / "named_grpc.py"), str(GRPC_PORT),
+                              name], GRPC_PORT, env=app_env())
+    a, b = (node.host.addr for node in r.web)
     namers = (f'[{{kind: static, services: {{web: ["{a}:{HTTP_PORT}", "{b}:{HTTP_PORT}"], '
               f'greeter: ["{a}:{GRPC_PORT}", "{b}:{GRPC_PORT}"]}}}}]')
     dtab = (f"/svc/{SERVICE_IP}:{HTTP_PORT} => /#/static/web ; "
             f"/svc/{SERVICE_IP}:{GRPC_PORT} => /#/static/greeter")
-    client.start_proxy(f"routing.dtab={dtab}", f"namers={namers}", f"balancer.kind={balancer}")
-    return Replicas(net, client, web, work)
+    r.client.start_proxy(f"routing.dtab={dtab}", f"namers={namers}",
+                         f"balancer.kind={balancer}")
+    return r
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ went, while all of them travel on ONE client connection.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from meshpair import brief, eventually
+from meshpair import MeshReplicas, app_env, eventually
 
 from init.mesh import MeshNode, start_app
 from init.netns import Network
@@ -64,55 +62,34 @@ c.close()
 """
 
 
-def _app_env() -> dict[str, str]:
-    drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-    return {k: v for k, v in os.environ.items() if k.lower() not in drop}
-
-
 @dataclass
-class Replicas:
-    net: Network
-    client: MeshNode
-    web: list[MeshNode]
-    work: Path
-    variant: str
+class Replicas(MeshReplicas):
+    """The replicas' ``whoami`` answers their name, over Thrift ``variant``."""
 
-    def diag(self, *extra: object) -> str:
-        parts = [brief(e) for e in extra]
-        for node in (self.client, *self.web):
-            parts.append(f"--- {node.host.name} proxy log:\n{node.log()}")
-        return "\n".join(parts)
+    variant: str
 
     def calls(self, count: int) -> list[str]:
         done = self.client.host.run(
             [sys.executable, str(self.work / "client.py"), str(self.work / "echo.thrift"),
              self.variant, SERVICE_IP, str(PORT), str(count)],
-            check=False, timeout=60, env=_app_env())
+            check=False, timeout=60, env=app_env())
         assert done.returncode == 0, self.diag("thrift client failed", done.stderr)
         return list(json.loads(done.stdout))
 
 
 def replicas(network: Callable[..., Network], tmp_path: Path, variant: str) -> Replicas:
-    net = network("client", "web1", "web2")
-    work = tmp_path / "work"
-    work.mkdir()
-    shutil.copy(IDL, work / "echo.thrift")
-    (work / "server.py").write_text(SERVER)
-    (work / "client.py").write_text(CLIENT)
-    web = [MeshNode(net["web1"]), MeshNode(net["web2"])]
-    client = MeshNode(net["client"])
-    for node in (client, *web):
-        node.install_rules()
-    for node in web:
-        node.start_proxy()
-        start_app(node.host, [sys.executable, str(work / "server.py"),
-                              str(work / "echo.thrift"), variant, str(PORT), node.host.name],
-                  PORT, env=_app_env())
-    a, b = (node.host.addr for node in web)
+    r = Replicas.start(network, tmp_path, {"echo.thrift": IDL.read_text(),
+                                           "server.py": SERVER, "client.py": CLIENT},
+                       variant=variant)
+    for node in r.web:
+        start_app(node.host, [sys.executable, str(r.work / "server.py"),
+                              str(r.work / "echo.thrift"), variant, str(PORT), node.host.name],
+                  PORT, env=app_env())
+    a, b = (node.host.addr for node in r.web)
     namers = f'[{{kind: static, services: {{echo: ["{a}:{PORT}", "{b}:{PORT}"]}}}}]'
-    client.start_proxy(f"routing.dtab=/svc/{SERVICE_IP}:{PORT} => /#/static/echo",
-                       f"namers={namers}", "balancer.kind=round_robin")
-    return Replicas(net, client, web, work, variant)
+    r.client.start_proxy(f"routing.dtab=/svc/{SERVICE_IP}:{PORT} => /#/static/echo",
+                         f"namers={namers}", "balancer.kind=round_robin")
+    return r
 
 
 @pytest.mark.parametrize("variant", ["framed-binary", "buffered-compact"])

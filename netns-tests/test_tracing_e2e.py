@@ -6,12 +6,11 @@ correctly, continuing the app's own traceparent; spans go to a real OTLP/gRPC re
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from meshpair import eventually
+from meshpair import app_env, eventually
 
 from init.mesh import MeshNode, start_app
 from init.netns import Network
@@ -47,11 +46,6 @@ server.wait_for_termination()
 """
 
 
-def _env() -> dict[str, str]:
-    drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-    return {k: v for k, v in os.environ.items() if k.lower() not in drop}
-
-
 def test_one_trace_through_two_proxies(network: Callable[..., Network],
                                        tmp_path: Path) -> None:
     """curl with a traceparent -> client proxy (client span) -> server proxy (server span)
@@ -61,7 +55,7 @@ def test_one_trace_through_two_proxies(network: Callable[..., Network],
     (tmp_path / "collector.py").write_text(COLLECTOR)
     start_app(net["collector"], [sys.executable, str(tmp_path / "collector.py"),
                                  str(spans_file), str(TESTS), str(OTLP_PORT)], OTLP_PORT,
-              env=_env())
+              env=app_env())
     endpoint = f"http://{net['collector'].addr}:{OTLP_PORT}"
     client, server = MeshNode(net["client"]), MeshNode(net["server"])
     for node in (client, server):
@@ -70,12 +64,12 @@ def test_one_trace_through_two_proxies(network: Callable[..., Network],
     server.start_proxy(f"tracing.endpoint={endpoint}", "tracing.service_name=server-proxy")
     (tmp_path / "page.txt").write_text("traced page\n")
     start_app(server.host, [sys.executable, "-m", "http.server", str(HTTP_PORT),
-                            "--directory", str(tmp_path)], HTTP_PORT, env=_env())
+                            "--directory", str(tmp_path)], HTTP_PORT, env=app_env())
     done = client.host.run(
         ["curl", "-sS", "--max-time", "20", "-H",
          f"traceparent: 00-{APP_TRACE}-{APP_SPAN}-01",
          f"http://{server.host.addr}:{HTTP_PORT}/page.txt"], check=False, timeout=30,
-        env=_env())
+        env=app_env())
     assert done.stdout == "traced page\n", (done.stderr, client.log(), server.log())
 
     def spans() -> list[dict[str, object]]:
