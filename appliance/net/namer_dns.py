@@ -1,7 +1,8 @@
 """The DNS namers: ``dns`` (A and AAAA, ``/#/dns/<host>/<port>``) and ``dns-srv``.
 
 Theory of operation: the first :meth:`watch` of a name spawns one refresh loop for it
-(``ctx.spawn``); later watches share its :class:`Watch`. The loop resolves the name with
+(``ctx.spawn``, by :class:`~appliance.net.namer_loop.LoopNamer`); later watches share its
+:class:`Watch`. The loop resolves the name with
 dnspython's asyncio resolver, hands the answers to the pure functions of
 :mod:`appliance.discovery.dns`, sets the watch, and sleeps for the answer's TTL clamped to
 ``[min_ttl, max_ttl]``. NXDOMAIN is ``neg``. A timeout, SERVFAIL, REFUSED or network
@@ -26,7 +27,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from appliance.discovery.base import Name, Namer, NamerContext, Watch, bound
+from appliance.discovery.base import Name, NamerContext, Watch, bound
 from appliance.discovery.dns import (
     Answer,
     Lookup,
@@ -42,15 +43,15 @@ from appliance.discovery.dns import (
     srv_lookup,
 )
 from appliance.discovery.registry import check_options, float_option, register
-from appliance.discovery.static import neg
+from appliance.net.namer_loop import LoopNamer
 
 
 class DnsFailure(Exception):
     """A query got no usable answer (timeout, SERVFAIL, REFUSED, network error)."""
 
 
-class _DnsNamerBase(Namer):
-    """Options, watches and the refresh loop shared by the two DNS namers."""
+class _DnsNamerBase(LoopNamer):
+    """Options and the refresh loop shared by the two DNS namers."""
 
     def __init__(self, ctx: NamerContext, *, nameservers: list[tuple[str, int]] | None = None,
                  min_ttl: float = 1.0, max_ttl: float = 300.0, timeout: float = 5.0,
@@ -58,12 +59,9 @@ class _DnsNamerBase(Namer):
         if not 0 < min_ttl <= max_ttl:
             raise ValueError(f"min_ttl: must be above 0 and at most max_ttl ({max_ttl})")
         self.min_ttl, self.max_ttl, self.timeout = min_ttl, max_ttl, timeout
-        self._ctx = ctx
         self._rng = rng or random.Random()
         self._resolver = _resolver(nameservers, timeout)
-        self._watches: dict[Name, Watch] = {}
-        self._tasks: list[Any] = []
-        self._closed = False
+        super().__init__(ctx)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], ctx: NamerContext) -> _DnsNamerBase:
@@ -80,35 +78,6 @@ class _DnsNamerBase(Namer):
                    min_ttl=float_option(options, "min_ttl", 1.0),
                    max_ttl=float_option(options, "max_ttl", 300.0),
                    timeout=float_option(options, "timeout", 5.0))
-
-    def watch(self, name: Name) -> Watch:
-        watch = self._watches.get(name)
-        if watch is None:
-            watch = self._watches[name] = self._start(name)
-        return watch
-
-    def _start(self, name: Name) -> Watch:
-        try:
-            query = self._parse(name)
-        except ValueError as exc:
-            return Watch(neg(str(exc)))
-        if isinstance(query, Watch):
-            return query
-        watch = Watch()
-        if not self._closed:
-            self._tasks.append(self._ctx.spawn(self._run(name, query, watch)))
-        return watch
-
-    def close(self) -> None:
-        self._closed = True
-        for task in self._tasks:
-            if hasattr(task, "cancel"):
-                task.cancel()
-        self._tasks.clear()
-
-    def _parse(self, name: Name) -> Any:
-        """The query for ``name`` (or a ready :class:`Watch`); ``ValueError`` if bad."""
-        raise NotImplementedError
 
     async def _resolve(self, query: Any) -> Lookup:
         raise NotImplementedError

@@ -1,7 +1,8 @@
 """The files namer (linkerd's ``io.l5d.fs``): one file per service in a directory, polled.
 
 Theory of operation: the first :meth:`FilesNamer.watch` of a name spawns one poll loop for
-it (``ctx.spawn``); later watches of the name share its :class:`Watch`. Every
+it (``ctx.spawn``, by :class:`~appliance.net.namer_loop.LoopNamer`); later watches of the
+name share its :class:`Watch`. Every
 ``poll_interval`` seconds the loop stats ``<root_dir>/<name>`` and hands the result to the
 pure :class:`~appliance.discovery.files.FileTracker`, which says whether to read it and
 what the read means. Polling (not inotify) is portable and works on the symlink swaps that
@@ -21,13 +22,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from appliance.discovery.base import NEG, Name, Namer, NamerContext, Watch, bound
+from appliance.discovery.base import NEG, Name, NamerContext, Watch, bound
 from appliance.discovery.files import MAX_BYTES, FileTracker, Stamp, Update, check_service_name
 from appliance.discovery.registry import check_options, float_option, register
-from appliance.discovery.static import neg
+from appliance.net.namer_loop import LoopNamer
 
 
-class FilesNamer(Namer):
+class FilesNamer(LoopNamer):
     """Service name -> the addresses listed in ``<root_dir>/<name>``."""
 
     kind = "io.l5d.fs"
@@ -37,11 +38,8 @@ class FilesNamer(Namer):
                  wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.root_dir = root_dir
         self.poll_interval = poll_interval
-        self._ctx = ctx
         self._wall_clock_ns = wall_clock_ns
-        self._watches: dict[Name, Watch] = {}
-        self._tasks: list[Any] = []
-        self._closed = False
+        super().__init__(ctx)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], ctx: NamerContext) -> FilesNamer:
@@ -58,30 +56,12 @@ class FilesNamer(Namer):
         return cls(os.path.abspath(root), ctx,
                    poll_interval=float_option(options, "poll_interval", 1.0))
 
-    def watch(self, name: Name) -> Watch:
-        watch = self._watches.get(name)
-        if watch is not None:
-            return watch
-        try:
-            if len(name) != 1:
-                raise ValueError(f"a file name has 1 segment, not {len(name)}")
-            path = os.path.join(self.root_dir, check_service_name(name[0]))
-        except ValueError as exc:
-            watch = self._watches[name] = Watch(neg(str(exc)))
-            return watch
-        watch = self._watches[name] = Watch()
-        if not self._closed:
-            self._tasks.append(self._ctx.spawn(self._poll(name, watch, FileTracker(path))))
-        return watch
+    def _parse(self, name: Name) -> FileTracker:
+        if len(name) != 1:
+            raise ValueError(f"a file name has 1 segment, not {len(name)}")
+        return FileTracker(os.path.join(self.root_dir, check_service_name(name[0])))
 
-    def close(self) -> None:
-        self._closed = True
-        for task in self._tasks:
-            if hasattr(task, "cancel"):
-                task.cancel()
-        self._tasks.clear()
-
-    async def _poll(self, name: Name, watch: Watch, tracker: FileTracker) -> None:
+    async def _run(self, name: Name, tracker: FileTracker, watch: Watch) -> None:
         while not self._closed:
             update = self.poll_once(tracker)
             if update is not None:
