@@ -541,15 +541,22 @@ def _convert(name: str, leaf: str, hint: Any, value: Any) -> Any:
     raise ConfigError(f"{name}: unsupported field type")  # a bug, not user input
 
 
+def _list_text(name: str, value: Any) -> Any:
+    """``value``; if it is text (an environment variable), the YAML or JSON it holds, and
+    blank text is an empty list."""
+    if not isinstance(value, str):
+        return value
+    import yaml
+
+    try:
+        return yaml.safe_load(value) if value.strip() else []
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: not valid YAML/JSON ({exc})") from None
+
+
 def parse_namers(name: str, value: Any) -> tuple[Mapping[str, Any], ...]:
     """A list of namer mappings; from an environment variable, YAML or JSON text."""
-    if isinstance(value, str):
-        import yaml
-
-        try:
-            value = yaml.safe_load(value) if value.strip() else []
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not valid YAML/JSON ({exc})") from None
+    value = _list_text(name, value)
     if not isinstance(value, list | tuple):
         raise ConfigError(f"{name}: expected a list of namers, got {value!r}")
     for i, item in enumerate(value):
@@ -585,13 +592,7 @@ def _check_service_field(name: str, leaf: str, text: str) -> str:
 def parse_services(name: str, value: Any) -> tuple[ServiceOverride, ...]:
     """The ``services`` list: each item a mapping with ``prefix`` and ``service`` fields;
     from YAML, or from YAML/JSON text (an environment variable)."""
-    if isinstance(value, str):
-        import yaml
-
-        try:
-            value = yaml.safe_load(value) if value.strip() else []
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not valid YAML/JSON ({exc})") from None
+    value = _list_text(name, value)
     if not isinstance(value, list | tuple):
         raise ConfigError(f"{name}: expected a list of {{prefix: ..., <service fields>}}, "
                           f"got {value!r}")
