@@ -18,9 +18,10 @@ by HashiCorp and by Kubernetes:
   ``timeoutSeconds``, and bearer-token authentication (401 Status). As in etcd, one
   resourceVersion counter orders every change of every resource.
 
-HTTP/1.1 is spoken through h11, an implementation independent of the client under test.
-Tests change the data (register, deregister, set health, apply or delete slices, compact
-history, send bookmarks), inject bad bodies, and take a server down and up on its port.
+HTTP/1.1 is spoken through h11 (``support.serve_requests``), an implementation independent
+of the client under test. Tests change the data (register, deregister, set health, apply or
+delete slices, compact history, send bookmarks), inject bad bodies, and take a server down
+and up on its port.
 The servers run in the test's own event loop. :class:`StateLog` records a discovery
 Watch and lets a test await a state with a deadline.
 """
@@ -39,6 +40,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
+from support import serve_requests
 
 from appliance.discovery.base import AddrState, NamerContext, Watch
 
@@ -103,16 +105,8 @@ class FakeServer:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
-        conn = h11.Connection(h11.SERVER)
         try:
-            while True:
-                request = await self._read_request(conn, reader)
-                if request is None:
-                    break
-                await self._respond(conn, writer, await self.handle(request))
-                if conn.our_state is h11.MUST_CLOSE:
-                    break
-                conn.start_next_cycle()
+            await serve_requests(reader, writer, self._answer)
         except asyncio.CancelledError:
             writer.transport.abort()  # taken down: cut the connection, no goodbye
         except (h11.ProtocolError, ConnectionError, ssl.SSLError):
@@ -121,28 +115,17 @@ class FakeServer:
             self._conns.discard(task)
             writer.close()
 
-    async def _read_request(self, conn: h11.Connection,
-                            reader: asyncio.StreamReader) -> Request | None:
-        head: h11.Request | None = None
-        body = b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage) and head is not None:
-                parts = urlsplit(head.target.decode("ascii"))
-                headers = {k.decode().lower(): v.decode("latin-1") for k, v in head.headers}
-                self.requests.append(Request(unquote(parts.path),
-                                             parse_qs(parts.query, keep_blank_values=True),
-                                             headers, time.monotonic(),
-                                             head.method.decode("ascii"), body))
-                return self.requests[-1]
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+    async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter,
+                      head: h11.Request, body: bytes) -> bool:
+        """Record the request, then send :meth:`handle`'s reply."""
+        parts = urlsplit(head.target.decode("ascii"))
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in head.headers}
+        self.requests.append(Request(unquote(parts.path),
+                                     parse_qs(parts.query, keep_blank_values=True),
+                                     headers, time.monotonic(), head.method.decode("ascii"),
+                                     body))
+        await self._respond(conn, writer, await self.handle(self.requests[-1]))
+        return True
 
     async def _respond(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                        reply: Reply) -> None:

@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 import h11
+from support import serve_requests
 
 __all__ = ["Fault", "FaultyBackend", "GrpcBackend", "Seen"]
 
@@ -94,45 +95,14 @@ class FaultyBackend:
         with self._lock:
             self.connections += 1
         self._open.add(writer)
-        conn = h11.Connection(h11.SERVER)
         try:
-            while True:
-                got = await self._read(conn, reader)
-                if got is None:
-                    break
-                request, body = got
-                if not await self._answer(conn, writer, request, body):
-                    return
-                if conn.our_state is h11.MUST_CLOSE:
-                    break
-                conn.start_next_cycle()
+            await serve_requests(reader, writer, self._answer)
         except (h11.ProtocolError, ConnectionError):
             pass
         finally:
             self._open.discard(writer)
             if not self.loop.is_closed():
                 writer.close()
-
-    async def _read(self, conn: h11.Connection, reader: asyncio.StreamReader
-                    ) -> tuple[h11.Request, bytes] | None:
-        request = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                if not data and request is None:
-                    return None
-                conn.receive_data(data)
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert request is not None
-                return request, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
 
     async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                       request: h11.Request, body: bytes) -> bool:

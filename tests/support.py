@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -169,6 +169,46 @@ def proxy(*settings: str, **kw: Any) -> Iterator[ProxyProcess]:
 # --- an upstream HTTP/1.1 server on h11 ---------------------------------------------------
 
 Handler = Callable[[h11.Request, bytes], Any]
+Answer = Callable[[h11.Connection, asyncio.StreamWriter, h11.Request, bytes], Awaitable[bool]]
+
+
+async def read_request(conn: h11.Connection, reader: asyncio.StreamReader
+                       ) -> tuple[h11.Request, bytes] | None:
+    """The next request on a server connection and its whole body; None when the client
+    closed the connection between requests."""
+    request = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(65536)
+            if not data and request is None:
+                return None
+            conn.receive_data(data)
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def serve_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         answer: Answer) -> None:
+    """Serve one connection with keep-alive: each request is given to ``answer``, which
+    writes the response (False: it dropped the connection), until either side closes.
+    h11 errors and connection errors are the caller's to catch."""
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        got = await read_request(conn, reader)
+        if got is None or not await answer(conn, writer, *got):
+            return
+        if conn.our_state is h11.MUST_CLOSE:
+            return
+        conn.start_next_cycle()
 
 
 class H11Server:
@@ -198,46 +238,17 @@ class H11Server:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        conn = h11.Connection(h11.SERVER)
         try:
-            while True:
-                request, body = await self._read_request(conn, reader)
-                if request is None:
-                    break
-                self.requests.append((request, body))
-                await self._respond(conn, writer, request, body)
-                if conn.our_state is h11.MUST_CLOSE:
-                    break
-                conn.start_next_cycle()
+            await serve_requests(reader, writer, self._respond)
         except (h11.RemoteProtocolError, ConnectionError):
             pass
         finally:
             if not self.loop.is_closed():
                 writer.close()
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader
-                            ) -> tuple[h11.Request | None, bytes]:
-        request = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                conn.receive_data(data)
-                if not data and request is None:
-                    return None, b""
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return request, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None, b""
-
     async def _respond(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                       request: h11.Request, body: bytes) -> None:
+                       request: h11.Request, body: bytes) -> bool:
+        self.requests.append((request, body))
         target = request.target.decode()
         status, headers, payload = route(target, request, body)
         if inspect.iscoroutine(payload):
@@ -254,6 +265,7 @@ class H11Server:
                 await writer.drain()
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
+        return True
 
     def close(self) -> None:
         async def shut() -> None:
