@@ -35,14 +35,15 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 from support import serve_requests
 
-from appliance.discovery.base import AddrState, NamerContext, Watch
+from appliance.discovery.base import AddrState, Namer, NamerContext, Watch
 
 Body = bytes | AsyncIterator[bytes]
 Reply = tuple[int, list[tuple[str, str]], Body]
@@ -631,3 +632,20 @@ class Harness:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if crashed:
             raise AssertionError(f"a namer task crashed: {crashed[0].exception()!r}")
+
+
+NamerT = TypeVar("NamerT", bound=Namer)
+
+
+@asynccontextmanager
+async def harnessed(make: Callable[[NamerContext], NamerT]
+                    ) -> AsyncIterator[tuple[NamerT, Harness]]:
+    """The namer ``make`` builds on a fresh :class:`Harness`'s context; at exit the namer is
+    closed and the harness too (which fails if a source had crashed)."""
+    harness = Harness()
+    namer = make(harness.ctx)
+    try:
+        yield namer, harness
+    finally:
+        namer.close()
+        await harness.close()

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from fakeapis import FakeConsul, Harness, StateLog, hostports
+from fakeapis import FakeConsul, Harness, StateLog, harnessed, hostports
 from hypothesis import given
 from hypothesis import strategies as st
 from namer_scenario import FAST, FixedRandom, fresh
@@ -242,15 +242,9 @@ Scenario = Callable[[FakeConsul, ConsulNamer, Harness], Awaitable[None]]
 @asynccontextmanager
 async def consul_namer(**options: Any) -> AsyncIterator[tuple[FakeConsul, ConsulNamer,
                                                                Harness]]:
-    harness = Harness()
-    async with FakeConsul() as agent:
-        namer = ConsulNamer.from_options({"port": agent.port, **FAST, **options},
-                                         harness.ctx)
-        try:
-            yield agent, namer, harness
-        finally:
-            namer.close()
-            await harness.close()
+    async with FakeConsul() as agent, harnessed(lambda ctx: ConsulNamer.from_options(
+            {"port": agent.port, **FAST, **options}, ctx)) as (namer, harness):
+        yield agent, namer, harness
 
 
 def run(scenario: Scenario, **options: Any) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from fakeapis import (
     StateLog,
     endpoint,
     event,
+    harnessed,
     hostports,
     self_signed,
     server_tls,
@@ -317,19 +318,12 @@ def test_token_file_rereads_only_on_change(tmp_path: Any) -> None:
 Scenario = Callable[[FakeK8s, K8sNamer, Harness], Awaitable[None]]
 
 
-@asynccontextmanager
-async def k8s_namer(api: FakeK8s, **options: Any) -> AsyncIterator[tuple[K8sNamer,
-                                                                        Harness]]:
-    harness = Harness()
+def k8s_namer(api: FakeK8s, **options: Any
+              ) -> AbstractAsyncContextManager[tuple[K8sNamer, Harness]]:
     env = options.pop("env", None)  # in-cluster: the URL comes from the environment
     url = {} if env is not None else {"api_url": api.url}
-    namer = K8sNamer(K8sOptions.from_mapping({**url, **FAST, **options}), harness.ctx,
-                     env=env)
-    try:
-        yield namer, harness
-    finally:
-        namer.close()
-        await harness.close()
+    return harnessed(lambda ctx: K8sNamer(K8sOptions.from_mapping({**url, **FAST, **options}),
+                                          ctx, env=env))
 
 
 def run(scenario: Scenario, **options: Any) -> None:

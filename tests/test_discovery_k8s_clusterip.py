@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from fakeapis import (
     StateLog,
     endpoint,
     event,
+    harnessed,
     hostports,
     service_port,
     slice_obj,
@@ -349,17 +350,10 @@ Scenario = Callable[[FakeK8s, ClusterIPNamer, Harness], Awaitable[None]]
 VIP = ("10.96.0.10:80",)
 
 
-@asynccontextmanager
-async def clusterip_namer(api: FakeK8s, **options: Any
-                          ) -> AsyncIterator[tuple[ClusterIPNamer, Harness]]:
-    harness = Harness()
-    namer = ClusterIPNamer(ClusterIPOptions.from_mapping(
-        {"api_url": api.url, **FAST, **options}), harness.ctx)
-    try:
-        yield namer, harness
-    finally:
-        namer.close()
-        await harness.close()
+def clusterip_namer(api: FakeK8s, **options: Any
+                    ) -> AbstractAsyncContextManager[tuple[ClusterIPNamer, Harness]]:
+    return harnessed(lambda ctx: ClusterIPNamer(ClusterIPOptions.from_mapping(
+        {"api_url": api.url, **FAST, **options}), ctx))
 
 
 def run(scenario: Scenario, **options: Any) -> None:
