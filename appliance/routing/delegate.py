@@ -160,7 +160,9 @@ def _hostport(path: Path, kind: str) -> _Special:
 # ---------------------------------------------------------------------------- bind
 
 
-class _Binder:
+class _Walk:
+    """What a walk of the dtab starts from: the dtab, the namers, the limits, no steps."""
+
     def __init__(self, dtab: Dtab, namers: Namers, max_depth: int, max_steps: int) -> None:
         if not isinstance(dtab, Dtab):
             raise TypeError(f"dtab must be a Dtab, not {type(dtab).__name__}")
@@ -169,6 +171,11 @@ class _Binder:
         self.max_depth = max_depth
         self.max_steps = max_steps
         self.steps = 0
+
+
+class _Binder(_Walk):
+    def __init__(self, dtab: Dtab, namers: Namers, max_depth: int, max_steps: int) -> None:
+        super().__init__(dtab, namers, max_depth, max_steps)
         self.memo: dict[Path, tuple[NameTree[Bound], int]] = {}
         self.active: dict[Path, None] = {}
         self.root: Path = ()
@@ -338,15 +345,9 @@ class DelegateTree:
 _CONSTANTS: dict[str, NameTree[Bound]] = {"neg": Neg, "fail": Fail, "empty": Empty}
 
 
-class _Tracer:
+class _Tracer(_Walk):
     def __init__(self, dtab: Dtab, namers: Namers, max_depth: int, max_steps: int) -> None:
-        if not isinstance(dtab, Dtab):
-            raise TypeError(f"dtab must be a Dtab, not {type(dtab).__name__}")
-        self.dtab = dtab
-        self.namers = _check_namers(namers)
-        self.max_depth = max_depth
-        self.max_steps = max_steps
-        self.steps = 0
+        super().__init__(dtab, namers, max_depth, max_steps)
         self.chain: dict[Path, None] = {}
 
     def path_node(self, path: Path, dentry: Dentry | None, depth: int) -> DelegateTree:
