@@ -20,6 +20,7 @@ from appliance.discovery.consul import KIND, ConsulOptions, ConsulQuery
 from appliance.discovery.registry import register
 from appliance.discovery.remote import Backoff, Failure, Update
 from appliance.net import httpclient
+from appliance.net.namer_loop import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,6 @@ def tls_context(ca_file: str | None, option: str = "ca_file") -> ssl.SSLContext:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"{option}: cannot load {ca_file!r}: {exc}") from None
-
-
-def cancel_all(tasks: list[Any]) -> None:
-    """Cancel what ``ctx.spawn`` returned (tasks or futures)."""
-    for task in tasks:
-        cancel = getattr(task, "cancel", None)
-        if cancel is not None:
-            cancel()
-    tasks.clear()
 
 
 class ConsulNamer(Namer):

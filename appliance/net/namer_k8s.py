@@ -35,7 +35,8 @@ from appliance.discovery.k8s_listwatch import Changed, LineSplitter, ListWatch, 
 from appliance.discovery.registry import register
 from appliance.discovery.remote import Backoff, DecodeError, Failure
 from appliance.net import httpclient
-from appliance.net.namer_consul import cancel_all, tls_context
+from appliance.net.namer_consul import tls_context
+from appliance.net.namer_loop import cancel_all
 
 _MAX_ERROR_BODY = 65536
 log = logging.getLogger(__name__)

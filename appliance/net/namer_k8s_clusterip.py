@@ -39,8 +39,8 @@ from appliance.discovery.k8s_clusterip import (
 from appliance.discovery.k8s_listwatch import Changed, ListWatch, Outcome
 from appliance.discovery.registry import register
 from appliance.discovery.remote import Backoff, Failure
-from appliance.net.namer_consul import cancel_all
 from appliance.net.namer_k8s import ApiClient, list_watch
+from appliance.net.namer_loop import cancel_all
 
 Key = tuple[str, int]
 

@@ -5,7 +5,8 @@ name is a ``neg`` watch that gives the reason, and a name that needs no loop may
 a ready :class:`Watch` (an IP literal, say). Otherwise the namer spawns its
 :meth:`LoopNamer._run` coroutine for the name with ``ctx.spawn``, which keeps the watch up
 to date until cancelled; later watches of the name share the same Watch. :meth:`close`
-cancels the loops, and a name first watched after it gets a Watch but no loop.
+cancels the loops (:func:`cancel_all`, which the other namers use too), and a name first
+watched after it gets a Watch but no loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from typing import Any
 
 from appliance.discovery.base import Name, Namer, NamerContext, Watch
 from appliance.discovery.static import neg
+
+
+def cancel_all(tasks: list[Any]) -> None:
+    """Cancel what ``ctx.spawn`` returned (tasks or futures)."""
+    for task in tasks:
+        cancel = getattr(task, "cancel", None)
+        if cancel is not None:
+            cancel()
+    tasks.clear()
 
 
 class LoopNamer(Namer):
@@ -34,10 +44,7 @@ class LoopNamer(Namer):
 
     def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
-            if hasattr(task, "cancel"):
-                task.cancel()
-        self._tasks.clear()
+        cancel_all(self._tasks)
 
     def _start(self, name: Name) -> Watch:
         try:
