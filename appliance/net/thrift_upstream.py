@@ -314,11 +314,4 @@ def route_name(router: Router, path: Path, dst: OrigDst) -> Target | Service:
             return Target(dst, None, None, "", 0.0)
         raise RouteError(502, f"no route: {show_path(path)} delegates to no usable name",
                          "no_route")
-    service = router.services[chosen.id]
-    endpoint = service.balancer.pick()
-    if endpoint is None:
-        raise RouteError(503, f"no endpoint available for {show_path(chosen.id)} "
-                              "(all ejected by failure accrual)", "unavailable")
-    host, port = endpoint.key
-    started = service.balancer.start(endpoint)
-    return Target(OrigDst(host, port), service, endpoint, show_path(path), started)
+    return router.endpoint_target(chosen, path)

@@ -213,6 +213,11 @@ class Router:
             if pending:
                 return Pending(pending[0], view, override, override_text)
             return self.fallback(view, f"{show_path(path)} delegates to no usable name", path)
+        return self.endpoint_target(chosen, path)
+
+    def endpoint_target(self, chosen: Bound, path: Path) -> Target:
+        """The endpoint the balancer of ``chosen``'s service picks for a request to the
+        logical name ``path``; ``RouteError`` 503 when every endpoint is ejected."""
         service = self.services[chosen.id]
         endpoint = service.balancer.pick()
         if endpoint is None:
