@@ -297,6 +297,14 @@ class BioClient:
         self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="localhost")
         self.reader, self.writer = reader, writer
 
+    @classmethod
+    async def connect(cls, port: int) -> BioClient:
+        """A client of 127.0.0.1:``port`` that trusts the site certificate, handshake done."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(site_client(), reader, writer)
+        await client.handshake()
+        return client
+
     def flush(self) -> None:
         if self.out.pending:
             self.writer.write(self.out.read())
@@ -346,9 +354,7 @@ def test_half_close_both_ways() -> None:
     async def main() -> None:
         app, errors = App(echo=False), []
         server, port, _ = await serve(site_context(), app, errors)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = BioClient(site_client(), reader, writer)
-        await client.handshake()
+        client = await BioClient.connect(port)
         client.send(b"request")
         client.close_notify()
         await asyncio.wait_for(app.eof.wait(), 5)
@@ -359,7 +365,7 @@ def test_half_close_both_ways() -> None:
         assert await client.read_to_eof() == b"answer after your EOF"
         app.transport.close()
         await asyncio.wait_for(app.lost.wait(), 5)
-        writer.close()
+        client.writer.close()
         server.close()
     run(main)
 
@@ -371,13 +377,11 @@ def test_eof_closes_when_the_inner_protocol_says_so() -> None:
         app, errors = App(echo=False), []
         app.keep_open_on_eof = False
         server, port, _ = await serve(site_context(), app, errors)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = BioClient(site_client(), reader, writer)
-        await client.handshake()
+        client = await BioClient.connect(port)
         client.close_notify()
         assert await client.read_to_eof() == b""
         await asyncio.wait_for(app.lost.wait(), 5)
-        writer.close()
+        client.writer.close()
         server.close()
     run(main)
 
@@ -420,15 +424,13 @@ def test_a_corrupt_record_aborts_the_connection() -> None:
     async def main() -> None:
         app, errors = App(), []
         server, port, made = await serve(site_context(), app, errors)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = BioClient(site_client(), reader, writer)
-        await client.handshake()
+        client = await BioClient.connect(port)
         client.send(b"ok")
         await until(lambda: bool(app.received), "the first record")
-        writer.write(b"\x17\x03\x03\x00\x10" + b"\x00" * 16)
+        client.writer.write(b"\x17\x03\x03\x00\x10" + b"\x00" * 16)
         await asyncio.wait_for(app.lost.wait(), 5)
         assert made[0].tls is not None and "tls_error" in made[0].tls.extra
-        writer.close()
+        client.writer.close()
         server.close()
     run(main)
 
@@ -438,9 +440,7 @@ def test_close_sends_close_notify_after_pending_data() -> None:
     async def main() -> None:
         app, errors = App(echo=False), []
         server, port, _ = await serve(site_context(), app, errors)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = BioClient(site_client(), reader, writer)
-        await client.handshake()
+        client = await BioClient.connect(port)
         client.send(b"x")
         await until(lambda: bool(app.received), "the request")
         assert app.transport is not None
@@ -450,6 +450,6 @@ def test_close_sends_close_notify_after_pending_data() -> None:
         app.transport.write(b"ignored after close")
         assert await client.read_to_eof() == b"last words"
         await asyncio.wait_for(app.lost.wait(), 5)
-        writer.close()
+        client.writer.close()
         server.close()
     run(main)
