@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +11,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+from support import ThreadedTcpServer
 
 
 @dataclass
@@ -37,12 +37,19 @@ def request(port: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", *,
     """One request on a fresh h2c connection; the reply once the stream ends or resets."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
                                                                 header_encoding=None))
+    conn.initiate_connection()
+    conn.send_headers(1, headers, end_stream=not body)
+    if body:
+        conn.send_data(1, body, end_stream=True)
+    return stream_reply(port, conn, timeout=timeout)
+
+
+def stream_reply(port: int, conn: h2.connection.H2Connection, *,
+                 timeout: float = 10.0) -> Reply:
+    """Send what ``conn`` has queued (stream 1's request) on a fresh connection; the reply
+    once stream 1 ends or resets."""
     reply = Reply()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        conn.initiate_connection()
-        conn.send_headers(1, headers, end_stream=not body)
-        if body:
-            conn.send_data(1, body, end_stream=True)
         s.sendall(conn.data_to_send())
         while True:
             data = s.recv(65536)
@@ -204,7 +211,7 @@ class Seen:
     reset: int | None = None
 
 
-class H2Server:
+class H2Server(ThreadedTcpServer):
     """An h2c server (h2 library, prior knowledge), one thread per connection.
 
     ``/echo`` answers 200 with the request body and no content-length (so an HTTP/1.1
@@ -216,27 +223,10 @@ class H2Server:
     """
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.seen: dict[tuple[int, int], Seen] = {}
-        self.connections = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=64)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-                n = self.connections
-            threading.Thread(target=self._serve, args=(s, n), daemon=True).start()
-
-    def _serve(self, s: socket.socket, n: int) -> None:
+    def handle(self, s: socket.socket, n: int) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None))
         conn.initiate_connection()
@@ -318,5 +308,3 @@ class H2Server:
     def requests(self) -> list[Seen]:
         return list(self.seen.values())
 
-    def close(self) -> None:
-        self.sock.close()

@@ -166,6 +166,42 @@ def proxy(*settings: str, **kw: Any) -> Iterator[ProxyProcess]:
         assert code == 0, f"proxy exited with {code}:\n{p.output()}"
 
 
+# --- a blocking TCP server, a thread per connection --------------------------------------
+
+
+class ThreadedTcpServer:
+    """A TCP server on 127.0.0.1 (an ephemeral port, in ``port``): one thread accepts, and
+    each connection gets a thread of its own that runs :meth:`handle`. ``connections``
+    counts the accepts; :meth:`close` stops accepting."""
+
+    def __init__(self, backlog: int = 16) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port: int = self.sock.getsockname()[1]
+        self.connections = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                n = self.connections
+            threading.Thread(target=self.handle, args=(conn, n), daemon=True).start()
+
+    def handle(self, conn: socket.socket, n: int) -> None:
+        """Serve one connection, the ``n``-th accepted (from 1), and close it."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 # --- an upstream HTTP/1.1 server on h11 ---------------------------------------------------
 
 Handler = Callable[[h11.Request, bytes], Any]

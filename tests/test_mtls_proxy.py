@@ -9,7 +9,6 @@ import json
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -27,7 +26,7 @@ from mtls_fixtures import (
     make_pki,
     mesh_proxy,
 )
-from support import ProxyProcess, http_get, recv_until_eof
+from support import ProxyProcess, ThreadedTcpServer, http_get, recv_until_eof
 from thrift_idl.echo_service import EchoServer as ThriftEcho
 from thrift_idl.echo_service import client as thrift_client
 
@@ -251,33 +250,14 @@ def _issued_client(root: Path, *, start: float, lifetime: float) -> ssl.SSLConte
     return mesh_tls.client_context(chain, key, issuer.anchors)  # type: ignore[arg-type]
 
 
-class TcpEcho:
+class TcpEcho(ThreadedTcpServer):
     """Echoes what it reads, and says ``<bye>`` at EOF."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def echo(conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, n: int) -> None:
         with conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
             conn.sendall(b"<bye>")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("opaque", [False, True])

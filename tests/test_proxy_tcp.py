@@ -10,30 +10,18 @@ from collections.abc import Iterator
 import pytest
 import websockets.sync.client
 import websockets.sync.server
-from support import free_port, proxy, recv_until_eof
+from support import ThreadedTcpServer, free_port, proxy, recv_until_eof
 
 
-class EchoServer:
+class EchoServer(ThreadedTcpServer):
     """A TCP echo server that also reports the half-close it saw."""
 
     def __init__(self, greeting: bytes = b"") -> None:
         self.greeting = greeting
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.saw_eof = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, n: int) -> None:
         with conn:
             if self.greeting:
                 conn.sendall(self.greeting)
@@ -44,9 +32,6 @@ class EchoServer:
                     conn.sendall(b"<bye>")  # still writable after the client's half-close
                     return
                 conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import h2peer
 import h11
 import pytest
 import support
-from support import H11Server, proxy, recv_until_eof, wait_for
+from support import H11Server, ThreadedTcpServer, proxy, recv_until_eof, wait_for
 from test_proxy_http2 import grpc_service, nghttpd_serving
 
 pytestmark = pytest.mark.skipif(shutil.which("nghttpd") is None or shutil.which("h2load")
@@ -103,28 +103,16 @@ def header(response: h11.Response, name: bytes) -> bytes | None:
 Handler = Callable[[h11.Request, bytes, list], tuple[int, list, list[bytes], list]]
 
 
-class H1App:
+class H1App(ThreadedTcpServer):
     """An HTTP/1.1 server on h11 whose ``handler`` returns (status, headers, body
     chunks, trailers); it records each request with its body and trailers."""
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.seen: list[tuple[h11.Request, bytes, list]] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s: socket.socket) -> None:
+    def handle(self, s: socket.socket, n: int) -> None:
         conn = h11.Connection(h11.SERVER)
         request, body = None, bytearray()
         try:
@@ -161,9 +149,6 @@ class H1App:
             for c in chunks:
                 out += conn.send(h11.Data(data=c))
         return out + conn.send(h11.EndOfMessage(headers=out_trailers))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def h2_client() -> h2.connection.H2Connection:
@@ -428,7 +413,7 @@ def test_h2_body_without_length_goes_chunked_with_trailers() -> None:
             conn.send_headers(1, [(b":method", b"POST"), *GET[1:], (b":path", b"/up")])
             conn.send_data(1, b"payload")
             conn.send_headers(1, [(b"x-trailer", b"t")], end_stream=True)
-            reply = _h2_exchange(p.outbound, conn)
+            reply = h2peer.stream_reply(p.outbound, conn)
             assert reply.data == b"payload"
             assert reply.trailers == [(b"x-got", b"7")]
             request, body, trailers = app.seen[0]
@@ -451,36 +436,12 @@ def test_bodiless_responses(method: bytes, status: int) -> None:
                 conn = h2_client()
                 conn.send_headers(1, [(b":method", method), *GET[1:], (b":path", b"/")],
                                   end_stream=True)
-                reply = _h2_exchange(p.outbound, conn)
+                reply = h2peer.stream_reply(p.outbound, conn)
                 assert reply.header(b":status") == b"%d" % status and reply.data == b""
                 assert reply.reset is None
             assert p.metric("tcp_open_total", protocol="http/1", peer="dst") == 1
     finally:
         app.close()
-
-
-def _h2_exchange(port: int, conn: h2.connection.H2Connection) -> h2peer.Reply:
-    """Send what ``conn`` queued for stream 1 and read its reply."""
-    reply = h2peer.Reply()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(conn.data_to_send())
-        while True:
-            data = s.recv(65536)
-            assert data, "connection closed before the stream ended"
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    reply.headers = list(event.headers)
-                elif isinstance(event, h2.events.DataReceived):
-                    reply.data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                elif isinstance(event, h2.events.TrailersReceived):
-                    reply.trailers = list(event.headers)
-                elif isinstance(event, h2.events.StreamReset):
-                    reply.reset = event.error_code
-                    return reply
-                elif isinstance(event, h2.events.StreamEnded):
-                    return reply
-            s.sendall(conn.data_to_send())
 
 
 def test_slow_h2_reader_bounds_what_is_read_from_the_http1_server(
@@ -544,7 +505,7 @@ def test_inbound_mesh_downgrade(h1backend: H11Server) -> None:
         conn = h2_client()
         conn.send_headers(1, [*GET, (b":path", b"/echo"), (b"l5d-orig-proto", b"HTTP/1.1"),
                               (b"x-custom", b"1")], end_stream=True)
-        reply = _h2_exchange(p.inbound, conn)
+        reply = h2peer.stream_reply(p.inbound, conn)
         assert reply.header(b":status") == b"200"
         assert reply.header(b"l5d-orig-proto") == b"HTTP/1.1"
         request = h1backend.requests[0][0]
