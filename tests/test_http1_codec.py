@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from appliance.protocols.http1 import (
     HttpError,
     RequestParser,
+    body_piece,
     chunk,
     error_response,
     last_chunk,
@@ -179,3 +180,18 @@ def test_error_response_is_valid_for_h11() -> None:
     data = conn.next_event()
     assert isinstance(data, h11.Data) and data.data == b"upstream unreachable: refused\n"
     assert isinstance(conn.next_event(), h11.EndOfMessage)
+
+
+@pytest.mark.parametrize(("data", "end", "chunked", "wire"), [
+    (b"abc", False, False, b"abc"),
+    (b"abc", True, False, b"abc"),
+    (b"", True, False, b""),
+    (b"abc", False, True, b"3\r\nabc\r\n"),
+    (b"abc", True, True, b"3\r\nabc\r\n0\r\n\r\n"),
+    (b"", True, True, b"0\r\n\r\n"),
+    (b"", False, True, b""),
+    (b"x" * 300, False, True, b"12c\r\n" + b"x" * 300 + b"\r\n"),
+])
+def test_body_piece(data: bytes, end: bool, chunked: bool, wire: bytes) -> None:
+    """A body piece is sent as is, or as a chunk (never an empty one) and the last chunk."""
+    assert body_piece(data, end, chunked) == wire

@@ -48,6 +48,7 @@ from appliance.protocols.h2translate import (
     trailers_to_h1,
     trailers_to_h2,
 )
+from appliance.protocols.http1 import body_piece
 
 if TYPE_CHECKING:
     from appliance.net.http1 import Exchange
@@ -268,13 +269,9 @@ class H1ToH2:
     def send_data(self, cs: Stream, data: bytes, end: bool = False) -> bool:
         if not self.status:
             return True  # the body of the proxy's own error response: see fail()
-        if self.chunked:
-            if data:
-                self.write(b"%x\r\n%b\r\n" % (len(data), data))
-            if end:
-                self.write(b"0\r\n\r\n")
-        elif data:
-            self.write(data)
+        piece = body_piece(data, end, self.chunked)
+        if piece:
+            self.write(piece)
         if end:
             self.ended = True
         return True

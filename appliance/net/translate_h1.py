@@ -50,6 +50,7 @@ from appliance.protocols.h2translate import (
     trailers_to_h1,
     trailers_to_h2,
 )
+from appliance.protocols.http1 import body_piece
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
@@ -193,13 +194,9 @@ class H1Conn(asyncio.Protocol):
     def send_data(self, us: Stream, data: bytes, end: bool = False) -> bool:
         if not CAN_SEND[us.state] or self.closed:
             return False
-        if self.chunked_request:
-            if data:
-                self.write(b"%x\r\n%b\r\n" % (len(data), data))
-            if end:
-                self.write(b"0\r\n\r\n")
-        elif data:
-            self.write(data)
+        piece = body_piece(data, end, self.chunked_request)
+        if piece:
+            self.write(piece)
         if end:
             us.state = HALF_LOCAL
         return True

@@ -249,6 +249,15 @@ def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
     return b"0\r\n" + b"".join(_header_block(trailers)) + b"\r\n"
 
 
+def body_piece(data: bytes, end: bool, chunked: bool) -> bytes:
+    """A piece of a body as sent: ``data`` itself, or when ``chunked`` its chunk (none
+    for no data) followed at ``end`` by the last chunk."""
+    if not chunked:
+        return data
+    piece = chunk(data) if data else b""
+    return piece + b"0\r\n\r\n" if end else piece
+
+
 def error_response(status: int, cause: str, via: bytes, *, close: bool) -> bytes:
     """A proxy-generated response: a one-line body and ``l5d-proxy-error`` naming the cause."""
     body = cause.encode("ascii", "replace") + b"\n"
