@@ -258,8 +258,10 @@ def test_non_recording_handle_carries_unsampled_root() -> None:
     t, mem = make_tracer({"OTEL_TRACES_SAMPLER": "traceidratio",
                           "OTEL_TRACES_SAMPLER_ARG": "0.000001"})
     h = t.start("outbound", [(b"host", b"a")])
-    assert type(h) is SpanHandle
+    assert isinstance(h, SpanHandle) and not h.recording
     assert h.headers() == [(b"traceparent", b"00-%032x-%016x-00" % (h.trace_id, h.span_id))]
+    # apply() only appends when nothing came in, and strips what did otherwise:
+    assert h.apply([(b"host", b"a")]) == [(b"host", b"a"), *h.headers()]
     h.end(200)
     assert t.flush(5)
     assert mem.spans == [] and t.exported_spans() == 0 and t.dropped_spans() == 0

@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from appliance.telemetry.propagation import (
+    NOTHING,
     TRACEPARENT,
     Headers,
     SpanContext,
@@ -125,6 +126,18 @@ class SpanHandle:
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.trace_id:032x}/{self.span_id:016x} "
                 f"parent={self.parent_span_id:016x}>")
+
+
+class _CleanRoot(SpanHandle):
+    """A root that lost the sampling draw, for a request that carried no propagation header:
+    the hot case at low sampling rates, so :meth:`apply` only appends (nothing to strip)."""
+
+    __slots__ = ()
+
+    def apply(self, headers: Headers) -> list[tuple[bytes, bytes]]:
+        out = list(headers)
+        out.append((TRACEPARENT, b"00-%032x-%016x-00" % (self.trace_id, self.span_id)))
+        return out
 
 
 class RecordingSpan(SpanHandle):
@@ -387,6 +400,8 @@ class Tracer:
             return None  # the caller's "not sampled" travels on as it is
         span_id = self._new_id(64)
         if not sampled:
+            if ex is NOTHING:  # no propagation header came in: appending ours is enough
+                return _CleanRoot(trace_id, span_id, None, 0)
             return SpanHandle(trace_id, span_id, parent, ex.formats)
         assert self._pipeline is not None
         h = RecordingSpan(self._pipeline, trace_id, span_id, parent, ex.formats, server,
