@@ -508,7 +508,7 @@ class Exchange:
 
         if routed.service is None:
             return
-        tag_dst(self.head.headers, routed)
+        self.head.headers = tag_dst(self.head.headers, routed)
         old = self.stats
         labels = dict(old.labels)
         new = self.d.registry.http(self.d.name, "http/1", labels.get("authority", ""),

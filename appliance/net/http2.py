@@ -148,7 +148,7 @@ class Http2Server(asyncio.Protocol):
             self.d.spawn(self.await_discovery(router, stream, routed))
             return
         stream.target = routed
-        tag_dst(stream.headers, routed)
+        stream.headers = tag_dst(stream.headers, routed)
         self.count_as(stream, routed)
         self.send(stream, routed.dst)
 
@@ -173,7 +173,7 @@ class Http2Server(asyncio.Protocol):
                                        f"{'/'.join(pending.service.id)}")
         elif routed is not None:
             stream.target = routed
-            tag_dst(stream.headers, routed)
+            stream.headers = tag_dst(stream.headers, routed)
             self.count_as(stream, routed)
             self.send(stream, routed.dst)
         self.flush()

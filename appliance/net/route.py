@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import Config
@@ -95,15 +95,16 @@ def take_override(headers: list[tuple[bytes, bytes]], allow: bool
 _DST_HEADERS = (b"l5d-dst-service", b"l5d-dst-client")
 
 
-def tag_dst(headers: list[tuple[bytes, bytes]], target: Target) -> None:
-    """linkerd's informational headers on a routed request: ``l5d-dst-service`` (the
-    logical name) and ``l5d-dst-client`` (the bound name it went to); values a client sent
-    are replaced."""
-    if target.service is None:
-        return
-    headers[:] = [(n, v) for n, v in headers if n.lower() not in _DST_HEADERS]
-    headers.append((b"l5d-dst-service", target.name.encode("latin-1")))
-    headers.append((b"l5d-dst-client", target.service_name.encode("latin-1")))
+def tag_dst(headers: Sequence[tuple[bytes, bytes]], target: Target
+            ) -> list[tuple[bytes, bytes]]:
+    """``headers`` with linkerd's informational headers of a routed request:
+    ``l5d-dst-service`` (the logical name) and ``l5d-dst-client`` (the bound name it went
+    to); values a client sent are replaced."""
+    out = [(n, v) for n, v in headers if n.lower() not in _DST_HEADERS]
+    if target.service is not None:
+        out.append((b"l5d-dst-service", target.name.encode("latin-1")))
+        out.append((b"l5d-dst-client", target.service_name.encode("latin-1")))
+    return out
 
 
 def route_http1(router: Router, head: Any, dst: OrigDst, allow: bool) -> Target | Pending:

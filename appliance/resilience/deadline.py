@@ -179,11 +179,11 @@ class Deadline:
                 if now + left < best:
                     best, source = now + left, CTX_DEADLINE
         if grpc_timeout is not None:
-            left = parse_grpc_timeout(grpc_timeout)
-            if left is None:
+            grpc_left = parse_grpc_timeout(grpc_timeout)
+            if grpc_left is None:
                 ignored.append(GRPC_TIMEOUT)
-            elif now + left < best:
-                best, source = now + left, GRPC_TIMEOUT
+            elif now + grpc_left < best:
+                best, source = now + grpc_left, GRPC_TIMEOUT
         return cls(clock, best, source, tuple(dict.fromkeys(ignored)), ctx_ns)
 
     @property

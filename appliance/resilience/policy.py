@@ -255,7 +255,7 @@ class Attempts:
         self._backoff: JitteredBackoff | None = None
         self._rng = rng
 
-    def keep(self, data: bytes, size: int | None = None) -> None:
+    def keep(self, data: Any, size: int | None = None) -> None:
         """``data`` (the body bytes, as framed on the wire) was sent or is about to be;
         ``size`` is the body's own length in it when framing was added."""
         replay = self.replay

@@ -150,7 +150,8 @@ class Registry:
             if self._series.get(direction, 0) >= MAX_SERIES \
                     and (authority or dst_service or method) and authority != "overflow":
                 return self.http(direction, protocol, "overflow", "overflow")
-            labels = (("direction", direction), ("protocol", protocol))
+            labels: tuple[tuple[str, str], ...] = (("direction", direction),
+                                                   ("protocol", protocol))
             if authority:
                 labels += (("authority", authority),)
             if dst_service:

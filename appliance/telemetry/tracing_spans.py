@@ -66,7 +66,7 @@ def is_grpc(h: RecordingSpan) -> bool:
 
 def is_thrift(h: RecordingSpan) -> bool:
     """A Thrift call: the data path says so with ``rpc.system`` in its extra attributes."""
-    return bool(h.attributes) and h.attributes.get("rpc.system") == "thrift"
+    return (h.attributes or {}).get("rpc.system") == "thrift"
 
 
 def span_name(h: RecordingSpan) -> str:
@@ -75,7 +75,7 @@ def span_name(h: RecordingSpan) -> str:
     if is_grpc(h) and h.target.count(b"/") == 2:
         return _text(h.target[1:])
     if is_thrift(h):
-        return str(h.attributes.get("rpc.method", "thrift"))
+        return str((h.attributes or {}).get("rpc.method", "thrift"))
     method = _text(h.method)
     return method if method in _KNOWN_METHODS else "HTTP"
 

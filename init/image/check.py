@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check: {tool} not found", file=sys.stderr)
             return 4
     config = inspect(args.image)
-    env = [str(e) for e in config.get("Env") or []]  # type: ignore[union-attr]
+    env = [str(e) for e in config.get("Env") or []]  # type: ignore[union-attr, attr-defined]
     root = subprocess.run(["podman", "image", "mount", args.image], check=True,
                           capture_output=True, text=True).stdout.strip()
     try:
