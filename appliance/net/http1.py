@@ -198,9 +198,24 @@ class Http1Server(asyncio.Protocol):
             return host[:255].decode("latin-1").lower()
         return "" if self.explicit else str(self.dst)
 
+    _stats_host: bytes | None = None  # the Host of the last request, and its counters
+    _stats: HttpStats | None = None
+    _stats_gen = -1
+
+    def stats_for(self, head: RequestHead) -> HttpStats:
+        """The counters of this request's labels: kept per connection while the Host is
+        the same and the registry dropped no label set since (see Registry.expire)."""
+        registry = self.d.registry
+        if head.host == self._stats_host and self._stats_gen == registry.generation \
+                and self._stats is not None:
+            return self._stats
+        stats = self._stats = registry.http(self.d.name, "http/1", self.authority(head))
+        self._stats_host, self._stats_gen = head.host, registry.generation
+        return stats
+
     def begin(self, head: RequestHead) -> None:
         d = self.d
-        stats = d.registry.http(d.name, "http/1", self.authority(head))
+        stats = self.stats_for(head)
         stats.requests += 1
         if head.via and any(d.via_name in v for v in head.via):
             d.registry.error(d.name, "loop")
@@ -580,7 +595,8 @@ class Exchange:
         (answered 504, upstream never called) when its deadline has already passed."""
         d, target = self.d, self.target
         policy = self.policy = d.policies.for_path(target.path if target is not None else None)
-        deadline = request_deadline(self.head.headers, policy.timeout, d.loop.time)
+        deadline = request_deadline(self.head.headers, policy.timeout, d.loop.time) \
+            if self.head.has_deadline or policy.timeout is not None else None
         if deadline is not None:
             if deadline.expired():
                 if target is not None:

@@ -56,7 +56,7 @@ class RequestHead:
 
     __slots__ = (
         "method", "target", "version", "headers", "keep_alive", "chunked", "content_length",
-        "connection_tokens", "upgrade", "via", "expect_continue", "host",
+        "connection_tokens", "upgrade", "via", "expect_continue", "host", "has_deadline",
     )
 
     def __init__(self) -> None:
@@ -72,6 +72,7 @@ class RequestHead:
         self.via: list[bytes] = []
         self.expect_continue = False
         self.host: bytes | None = None
+        self.has_deadline = False  # an l5d-ctx-deadline header came (noted while parsing)
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method!r} {self.target!r} HTTP/{self.version.decode()}>"
@@ -107,12 +108,15 @@ def _note_header(head: RequestHead, lname: bytes, value: bytes) -> bool:
     if lname == b"via":
         head.via.append(value)
         return False
+    if lname == b"l5d-ctx-deadline":
+        head.has_deadline = True
+        return False
     return lname in HOP_BY_HOP
 
 
 _SPECIAL = frozenset({
     b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"proxy-connection", b"te", b"upgrade", b"via",
+    b"proxy-connection", b"te", b"upgrade", b"via", b"l5d-ctx-deadline",
 })
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 

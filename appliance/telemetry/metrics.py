@@ -127,6 +127,7 @@ class Registry:
         self._discard_tcp = TcpStats((("direction", "none"),))
         self._http: dict[tuple[str, str, str, str, str], HttpStats] = {}
         self._series: dict[str, int] = {}  # label sets per direction
+        self.generation = 0  # goes up whenever expire() drops a label set (for caches)
         self._tcp: dict[tuple[tuple[str, str], ...], TcpStats] = {}
         self._authz: dict[tuple[str, tuple[tuple[str, str], ...]], AuthzStats] = {}
         self.errors: dict[tuple[str, str], int] = {}
@@ -179,6 +180,7 @@ class Registry:
                     and stats.requests <= stats.latency_count:
                 del self._http[key]
                 self._series[key[0]] -= 1
+                self.generation += 1
 
     def tcp(self, direction: str, protocol: str, peer: str,
             tls: tuple[tuple[str, str], ...] = ()) -> TcpStats:
