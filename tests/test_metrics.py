@@ -10,7 +10,6 @@ from support import H11Server
 
 from appliance.telemetry.metrics import LATENCY_BUCKETS_MS, Registry
 
-
 # promtool's only findings: linkerd's own names abbreviate their unit; they are kept so
 # linkerd's dashboards and queries work.
 ACCEPTED_LINTS = {f"{name} metric names should not contain abbreviated units"
