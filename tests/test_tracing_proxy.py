@@ -165,3 +165,31 @@ def test_thrift_calls_are_root_spans() -> None:
     assert add.kind == "client" and add.parent_span_id == ""
     assert add.attributes["rpc.system"] == "thrift" and add.attributes["rpc.method"] == "add"
     assert "http.request.method" not in add.attributes
+
+
+def test_unsampled_roots_add_nothing(backend: H11Server) -> None:
+    """A request with no trace context that loses the root draw gets no span and no
+    header: the next proxy decides for itself (as linkerd2-proxy does)."""
+    with GrpcReceiver() as rx:
+        p = ProxyProcess(f"outbound.orig_dst_override=127.0.0.1:{backend.port}",
+                         env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
+                              "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                              "OTEL_TRACES_SAMPLER_ARG": "0"})
+        try:
+            assert curl(p.outbound, "/untraced") == "200"
+            assert curl(p.outbound, "/traced",
+                        f"traceparent: 00-{APP_TRACE}-{APP_SPAN}-01") == "200"
+            [span] = rx.wait_for(1)  # the caller asked: that one is traced
+        finally:
+            p.stop()
+    untraced, traced = (dict(r.headers) for r, _ in backend.requests)
+    assert b"traceparent" not in untraced
+    assert traced[b"traceparent"].decode() == f"00-{APP_TRACE}-{span.span_id}-01"
+
+
+def test_the_parser_notes_every_propagation_header() -> None:
+    """The HTTP/1 parser's list of trace headers is the propagation module's."""
+    from appliance.protocols.http1 import TRACE_HEADERS
+    from appliance.telemetry.propagation import PROPAGATION_HEADERS
+
+    assert TRACE_HEADERS == PROPAGATION_HEADERS

@@ -431,7 +431,7 @@ class Exchange:
             peer = self.server.transport.get_extra_info("peername")
         span = d.tracer.start(d.name, head.headers, method=head.method, target=head.target,
                               authority=head.host or b"", version=head.version.decode(),
-                              peer=peer)
+                              peer=peer, has_context=head.has_trace)
         if span is not None:
             head.headers = span.apply(head.headers)
             self.span = span

@@ -49,6 +49,7 @@ from appliance.protocols.h2conn import H2Connection, H2Error, Stream
 from appliance.protocols.h2frames import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, REFUSED_STREAM
 from appliance.protocols.h2guard import H2Guard
 from appliance.protocols.h2send import HALF_LOCAL
+from appliance.protocols.http1 import TRACE_HEADERS
 from appliance.resilience.classify import ResponseClass, parse_grpc_status
 from appliance.resilience.policy import NOT_RETRYABLE, Attempts
 
@@ -207,7 +208,7 @@ class Http2Server(asyncio.Protocol):
         memo = self.memo.get(id(headers))
         if memo is None or memo[0] is not headers:
             memo = self.prepare(headers)
-        _, out, grpc, head, looped, orig_proto, stats = memo
+        _, out, grpc, head, looped, orig_proto, stats, has_trace = memo
         stream = H2Stream(self, s, out, grpc, self.d.loop.time())
         s.user = stream
         stream.request_ended = end
@@ -217,7 +218,7 @@ class Http2Server(asyncio.Protocol):
         stream.stats = stats
         stats.requests += 1
         if self.d.tracer.on:
-            self.trace(stream)
+            self.trace(stream, has_trace)
         if looped:
             self.d.registry.error(self.d.name, "loop")
             respond_error(stream, 502, "request loop detected (Via names this proxy)")
@@ -230,11 +231,12 @@ class Http2Server(asyncio.Protocol):
             return  # denied: 403 or PERMISSION_DENIED (l5d-client-id is set otherwise)
         self.opening.append(stream)
 
-    def trace(self, stream: H2Stream) -> None:
+    def trace(self, stream: H2Stream, has_context: bool) -> None:
         """Start the stream's span; the headers sent on carry its context."""
         d = self.d
         peer = self.transport.get_extra_info("peername") if d.name == "inbound" else None
-        span = d.tracer.start(d.name, stream.headers, version="2", peer=peer)
+        span = d.tracer.start(d.name, stream.headers, version="2", peer=peer,
+                              has_context=has_context)
         if span is not None:
             stream.headers = span.apply(stream.headers)
             stream.span = span
@@ -281,7 +283,7 @@ class Http2Server(asyncio.Protocol):
         """What the proxy needs of a request head, computed once per distinct head: the
         decoder hands out the same list object for a repeated header block, so the result
         is kept by identity (with the list itself, so its id cannot be reused)."""
-        grpc = head = looped = orig_proto = False
+        grpc = head = looped = orig_proto = has_trace = False
         authority = ""
         via = self.d.via_name
         for name, value in headers:
@@ -289,6 +291,8 @@ class Http2Server(asyncio.Protocol):
                 head = value == b"HEAD"
             elif name == b":authority" or name == b"host" and not authority:
                 authority = value[:255].decode("latin-1").lower()
+            elif name in TRACE_HEADERS:
+                has_trace = True
             elif name == b"content-type":
                 grpc = value.startswith(b"application/grpc")
             elif name == b"via" and via in value:
@@ -299,7 +303,7 @@ class Http2Server(asyncio.Protocol):
         if orig_proto:  # linkerd's mesh downgrade: the app gets HTTP/1.1 (translate_h1)
             out = tuple(h for h in out if h[0] != b"l5d-orig-proto")
         memo = (headers, out, grpc, head, looped, orig_proto,
-                self.d.registry.http(self.d.name, "h2", authority or str(self.dst)))
+                self.d.registry.http(self.d.name, "h2", authority or str(self.dst)), has_trace)
         if len(self.memo) >= _MEMO_ENTRIES:
             self.memo.clear()
         self.memo[id(headers)] = memo

@@ -272,7 +272,8 @@ class Call:
         self.stats.requests += 1
         if self.d.tracer.on:  # plain Thrift carries no trace context: each call is a root
             self.span = self.d.tracer.start(self.d.name, (), target=self.msg.name.encode(),
-                                            authority=self.server.authority.encode())
+                                            authority=self.server.authority.encode(),
+                                            has_context=False)
         self.shared.budget.deposit()
         self.attempt()
 

@@ -57,6 +57,7 @@ class RequestHead:
     __slots__ = (
         "method", "target", "version", "headers", "keep_alive", "chunked", "content_length",
         "connection_tokens", "upgrade", "via", "expect_continue", "host", "has_deadline",
+        "has_trace",
     )
 
     def __init__(self) -> None:
@@ -73,6 +74,7 @@ class RequestHead:
         self.expect_continue = False
         self.host: bytes | None = None
         self.has_deadline = False  # an l5d-ctx-deadline header came (noted while parsing)
+        self.has_trace = False  # a trace-propagation header came (W3C, B3)
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method!r} {self.target!r} HTTP/{self.version.decode()}>"
@@ -87,6 +89,14 @@ class RequestHead:
         if not drop:
             return self.headers
         return [(n, v) for n, v in self.headers if n.lower() not in drop]
+
+
+# Trace-propagation headers (as appliance.telemetry.propagation reads them), noted while
+# parsing so a request without any skips the tracer's header scan.
+TRACE_HEADERS = frozenset({
+    b"traceparent", b"tracestate", b"b3", b"x-b3-traceid", b"x-b3-spanid",
+    b"x-b3-parentspanid", b"x-b3-sampled", b"x-b3-flags",
+})
 
 
 def _note_header(head: RequestHead, lname: bytes, value: bytes) -> bool:
@@ -111,13 +121,16 @@ def _note_header(head: RequestHead, lname: bytes, value: bytes) -> bool:
     if lname == b"l5d-ctx-deadline":
         head.has_deadline = True
         return False
+    if lname in TRACE_HEADERS:
+        head.has_trace = True
+        return False
     return lname in HOP_BY_HOP
 
 
 _SPECIAL = frozenset({
     b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
     b"proxy-connection", b"te", b"upgrade", b"via", b"l5d-ctx-deadline",
-})
+}) | TRACE_HEADERS
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 

@@ -376,7 +376,8 @@ class Tracer:
 
     def start(self, direction: str, headers: Headers, *, method: bytes = b"",
               target: bytes = b"", authority: bytes = b"", version: str = "1.1",
-              peer: Sequence[Any] | None = None, now_ns: int | None = None) -> SpanHandle | None:
+              peer: Sequence[Any] | None = None, now_ns: int | None = None,
+              has_context: bool | None = None) -> SpanHandle | None:
         """A span for a request whose head just arrived (see the module docstring).
 
         ``direction`` is ``"inbound"`` (server span) or ``"outbound"`` (client span).
@@ -390,6 +391,15 @@ class Tracer:
         server = direction == INBOUND
         if not server and direction != OUTBOUND:
             raise ValueError(f"direction: {direction!r} is not inbound or outbound")
+        if has_context is False:
+            # The data path saw no propagation header while parsing: a root. Unsampled
+            # roots cost one draw and tell nobody (as linkerd2-proxy, which adds no
+            # context to requests it does not trace); the next proxy decides for itself.
+            trace_id = self._new_id(128)
+            if not self._sampler.root(trace_id):
+                return None
+            return self._recording(server, trace_id, None, 0, headers, method, target,
+                                   authority, version, peer, now_ns)
         ex = extract(headers)
         sampler, told, parent = self._sampler, ex.sampled, ex.context
         if told is None and not sampler.bound or told is False and sampler.parent_based:
@@ -403,9 +413,16 @@ class Tracer:
             if ex is NOTHING:  # no propagation header came in: appending ours is enough
                 return _CleanRoot(trace_id, span_id, None, 0)
             return SpanHandle(trace_id, span_id, parent, ex.formats)
+        return self._recording(server, trace_id, parent, ex.formats, headers, method, target,
+                               authority, version, peer, now_ns, span_id)
+
+    def _recording(self, server: bool, trace_id: int, parent: SpanContext | None,
+                   formats: int, headers: Headers, method: bytes, target: bytes,
+                   authority: bytes, version: str, peer: Sequence[Any] | None,
+                   now_ns: int | None, span_id: int = 0) -> RecordingSpan:
         assert self._pipeline is not None
-        h = RecordingSpan(self._pipeline, trace_id, span_id, parent, ex.formats, server,
-                          self._clock)
+        h = RecordingSpan(self._pipeline, trace_id, span_id or self._new_id(64), parent,
+                          formats, server, self._clock)
         h.method, h.target, h.authority, h.version, h.peer = \
             method, target, authority, version, peer
         _request_fields(h, headers)
