@@ -426,12 +426,17 @@ class Exchange:
     def trace(self) -> None:
         """Start this request's span and put its context in the headers sent on."""
         head, d = self.head, self.d
+        root_id = 0
+        if not head.has_trace:  # a root: one draw decides, and most lose it
+            root_id = d.tracer.draw_root()
+            if not root_id:
+                return
         peer = None
         if d.name == "inbound":
             peer = self.server.transport.get_extra_info("peername")
         span = d.tracer.start(d.name, head.headers, method=head.method, target=head.target,
                               authority=head.host or b"", version=head.version.decode(),
-                              peer=peer, has_context=head.has_trace)
+                              peer=peer, has_context=head.has_trace, root_id=root_id)
         if span is not None:
             head.headers = span.apply(head.headers)
             self.span = span

@@ -377,7 +377,7 @@ class Tracer:
     def start(self, direction: str, headers: Headers, *, method: bytes = b"",
               target: bytes = b"", authority: bytes = b"", version: str = "1.1",
               peer: Sequence[Any] | None = None, now_ns: int | None = None,
-              has_context: bool | None = None) -> SpanHandle | None:
+              has_context: bool | None = None, root_id: int = 0) -> SpanHandle | None:
         """A span for a request whose head just arrived (see the module docstring).
 
         ``direction`` is ``"inbound"`` (server span) or ``"outbound"`` (client span).
@@ -395,8 +395,8 @@ class Tracer:
             # The data path saw no propagation header while parsing: a root. Unsampled
             # roots cost one draw and tell nobody (as linkerd2-proxy, which adds no
             # context to requests it does not trace); the next proxy decides for itself.
-            trace_id = self._new_id(128)
-            if not self._sampler.root(trace_id):
+            trace_id = root_id or self.draw_root()
+            if not trace_id:
                 return None
             return self._recording(server, trace_id, None, 0, headers, method, target,
                                    authority, version, peer, now_ns)
@@ -428,6 +428,12 @@ class Tracer:
         _request_fields(h, headers)
         h.start_ns = self._clock() if now_ns is None else now_ns
         return h
+
+    def draw_root(self) -> int:
+        """The sampling draw for a request with no trace context: its trace id when it is
+        sampled, else 0 (the data path's cheap first step; see :meth:`start`)."""
+        trace_id = self._new_id(128)
+        return trace_id if self._sampler.root(trace_id) else 0
 
     def _new_id(self, bits: int) -> int:
         getrandbits = self._rng.getrandbits
