@@ -613,9 +613,11 @@ class Exchange:
             self.deadline = deadline
             stamp_deadline(self.head.headers, deadline)
         if d.name == "outbound" and policy.max_retries:
-            attempts = self.attempts = Attempts(policy, d.rng)
-            for part in self.pending:  # body parts that came while the request waited
-                attempts.keep(part)
+            if self.pending or self.head.has_body:  # a body to keep for a replay
+                attempts = self.attempts = Attempts(policy, d.rng)
+                for part in self.pending:  # body parts that came while the request waited
+                    attempts.keep(part)
+            # (a bodiless request's retry state is made only if it is retried: retry_state)
             service = target.service if target is not None else None
             budget = self.budget = (service.budget(policy) if service is not None
                                     else d.policies.dst_budget(self.dst, policy))
@@ -743,7 +745,7 @@ class Exchange:
                 server.write(rewrite_head(rh, self.d.via, connection=None))
             return
         self.interim = False
-        if status >= 500 and self.attempts is not None and self.policy is not None:
+        if status >= 500 and self.budget is not None and self.policy is not None:
             verdict = self.policy.classifier.classify(self.head.method, status)
             if verdict.retryable and self.retry_after("response", verdict):
                 self.dropping = True  # the rest of it is dropped with its connection
@@ -958,10 +960,17 @@ class Exchange:
         self.server.resume(_CONNECTING)
         self.fail(504, f"upstream timeout: no response from {self.dst}: {what}", "timeout")
 
+    def retry_state(self) -> Attempts | None:
+        """The retry state: made by arm() for a request with a body (its bytes are kept for
+        a replay), on first use here for one without (most requests are never retried)."""
+        if self.attempts is None and self.budget is not None and self.policy is not None:
+            self.attempts = Attempts(self.policy, self.d.rng)
+        return self.attempts
+
     def retry_after(self, reason: str, verdict: ResponseClass) -> bool:
         """A failed attempt (``reason``: unsent, connection, response, timeout): schedule
         the next one when the policy allows (True); else False and the caller answers."""
-        attempts = self.attempts
+        attempts = self.retry_state()
         if attempts is None or self.response_started or self.told or self.finished:
             return False
         d, deadline = self.d, self.deadline
