@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.net.addr import OrigDst
 from appliance.net.relay import Relay
-from appliance.net.route import request_deadline, stamp_deadline
+from appliance.net.route import next_try, request_deadline, stamp_deadline
 from appliance.net.tls import TlsConnectError
 from appliance.net.translate import h2_upstream
 from appliance.protocols.http1 import (
@@ -55,7 +55,7 @@ from appliance.protocols.http1 import (
 )
 from appliance.protocols.http1_response import ResponseHead, ResponseParser, rewrite_head
 from appliance.resilience.classify import ResponseClass
-from appliance.resilience.policy import NOT_RETRYABLE, Attempts
+from appliance.resilience.policy import Attempts
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
@@ -973,22 +973,14 @@ class Exchange:
         attempts = self.retry_state()
         if attempts is None or self.response_started or self.told or self.finished:
             return False
-        d, deadline = self.d, self.deadline
+        d = self.d
         sent = reason != "unsent"
-        delay = attempts.next_delay(verdict, sent=sent, budget=self.budget,
-                                    remaining=deadline.remaining() if deadline else math.inf)
-        if isinstance(delay, str):
-            if delay != NOT_RETRYABLE:
-                d.registry.retry_skipped(d.name, delay)
+        plan = next_try(d, attempts, self.budget, self.deadline, self.target, reason, verdict)
+        if plan is None:
             return False
-        target = self.target
-        if target is not None:
-            target.done(False)
-            again = target.again()
-            if again is None:
-                return False  # every endpoint is ejected: this failure is the answer
+        delay, again = plan
+        if again is not None:
             self.target, self.dst = again, again.dst
-        d.registry.retry(d.name, reason)
         self.retries += 1
         self.discard_upstream()
         self.release_endpoint()

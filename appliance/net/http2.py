@@ -26,7 +26,6 @@ is requeued to another endpoint (:meth:`Http2Server.requeue`).
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import TYPE_CHECKING, Any
 
 from appliance.net.addr import OrigDst
@@ -44,14 +43,14 @@ from appliance.net.h2stream import (
     to_upstream,
     touch,
 )
-from appliance.net.route import request_deadline, stamp_deadline, tag_dst
+from appliance.net.route import next_try, request_deadline, stamp_deadline, tag_dst
 from appliance.protocols.h2conn import H2Connection, H2Error, Stream
 from appliance.protocols.h2frames import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, REFUSED_STREAM
 from appliance.protocols.h2guard import H2Guard
 from appliance.protocols.h2send import HALF_LOCAL
 from appliance.protocols.http1 import TRACE_HEADERS
 from appliance.resilience.classify import ResponseClass, parse_grpc_status
-from appliance.resilience.policy import NOT_RETRYABLE, Attempts
+from appliance.resilience.policy import Attempts
 
 if TYPE_CHECKING:
     from appliance.net.listener import Direction
@@ -522,23 +521,15 @@ class Http2Server(asyncio.Protocol):
 
     def retry(self, stream: H2Stream, state: _Retry, reason: str,
               verdict: ResponseClass) -> bool:
-        d, deadline = self.d, state.deadline
+        d = self.d
         sent = reason != "unsent"
-        delay = state.attempts.next_delay(
-            verdict, sent=sent, budget=state.budget,
-            remaining=deadline.remaining() if deadline is not None else math.inf)
-        if isinstance(delay, str):
-            if delay != NOT_RETRYABLE:
-                d.registry.retry_skipped(d.name, delay)
+        plan = next_try(d, state.attempts, state.budget, state.deadline, stream.target,
+                        reason, verdict)
+        if plan is None:
             return False
-        target = stream.target
-        if target is not None:
-            target.done(False)
-            again = target.again()
-            if again is None:
-                return False
+        delay, again = plan
+        if again is not None:
             stream.target, state.dst = again, again.dst
-        d.registry.retry(d.name, reason)
         if sent:
             replay = state.attempts.replay
             queued = stream.to_up

@@ -17,6 +17,7 @@ is at least as strict. A request with none of them pays one pass over its header
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from appliance.config import Config
 from appliance.discovery.base import NamerContext
 from appliance.net.addr import OrigDst
 from appliance.resilience.deadline import Deadline
+from appliance.resilience.policy import NOT_RETRYABLE
 from appliance.routing.dtab import Dtab, parse_dtab
 from appliance.routing.identify import RequestView, first_of, make_identifier, parse_override
 from appliance.routing.path import RoutingSyntaxError, parse_path
@@ -247,3 +249,28 @@ def build_router(d: Direction) -> Router | None:
                   allow_overrides=config.routing.allow_overrides,
                   fallback_orig_dst=config.routing.fallback == "orig_dst",
                   rng=rng, clock=d.loop.time)
+
+
+def next_try(d: Direction, attempts: Any, budget: Any, deadline: Deadline | None,
+             target: Target | None, reason: str, verdict: Any
+             ) -> tuple[float, Target | None] | None:
+    """Whether a failed attempt (``reason``: unsent, connection, response, timeout) goes
+    again, for HTTP/1 exchanges and HTTP/2 streams alike: ``(delay, new target)`` when it
+    does (the target is None for unrouted traffic), None when it does not. Counts the retry
+    (or why it was skipped) and tells the balancer the attempt failed."""
+    delay = attempts.next_delay(verdict, sent=reason != "unsent", budget=budget,
+                                remaining=deadline.remaining() if deadline is not None
+                                else math.inf)
+    if isinstance(delay, str):
+        if delay != NOT_RETRYABLE:
+            d.registry.retry_skipped(d.name, delay)
+        return None
+    again = None
+    if target is not None:
+        target.done(False)
+        again = target.again()
+        if again is None:
+            return None  # every endpoint is ejected: this failure is the answer
+    d.registry.retry(d.name, reason)
+    return delay, again
+
