@@ -330,7 +330,9 @@ def test_over_the_limits_requests_are_shed_and_admin_answers() -> None:
         for t in threads:
             t.start()
         wait_for(lambda: slow.count() == 2, timeout=5, what="two requests in flight")
-        time.sleep(0.2)  # the third one is queued by now (nothing to wait on from outside)
+        # A request is counted as its head is parsed, and queued in the same step.
+        wait_for(lambda: p.metric("request_total", direction="outbound") == 3, timeout=5,
+                 what="the third request queued")
         status, _, error, took = Client(p.outbound).request("GET", "/shed")
         assert status == 503 and "load shed" in error and took < 1.0
         with urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/ready", timeout=2) as r:
