@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from appliance.discovery.base import Address
-from appliance.discovery.static import check_host, parse_port, parse_weight, split_hostport
+from appliance.discovery.static import (
+    check_host,
+    parse_port,
+    parse_weight,
+    split_hostport,
+    unique_addresses,
+)
 
 MAX_BYTES = 1 << 20
 """A service file larger than this is refused (unparsable), not read into memory."""
@@ -37,22 +44,14 @@ def parse_file(text: str, source: str = "") -> frozenset[Address]:
     """Addresses from a service file: ``host port [weight]`` or ``host:port [weight]`` per
     line, ``#`` comments and blank lines ignored."""
     where = f"{source}:" if source else "line "
-    seen: dict[tuple[str, int], int] = {}
-    addrs = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        fields = raw.split("#", 1)[0].split()
-        if not fields:
-            continue
-        try:
-            addr = parse_line(fields)
-        except ValueError as exc:
-            raise FileFormatError(f"{where}{lineno}: {exc}") from None
-        if addr.key in seen:
-            raise FileFormatError(f"{where}{lineno}: duplicate address {addr} "
-                                  f"(also on line {seen[addr.key]})")
-        seen[addr.key] = lineno
-        addrs.append(addr)
-    return frozenset(addrs)
+
+    def lines() -> Iterator[tuple[str, str, list[str]]]:
+        for lineno, raw in enumerate(text.splitlines(), start=1):
+            fields = raw.split("#", 1)[0].split()
+            if fields:
+                yield f"{where}{lineno}", str(lineno), fields
+
+    return unique_addresses(lines(), parse_line, FileFormatError, "on line")
 
 
 def parse_line(fields: list[str]) -> Address:

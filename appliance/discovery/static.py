@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -142,17 +142,26 @@ def parse_services(services: object) -> dict[str, frozenset[Address]]:
 
 
 def _parse_list(name: str, entries: list[Any] | tuple[Any, ...]) -> frozenset[Address]:
-    seen: dict[tuple[str, int], int] = {}
+    return unique_addresses(((f"services.{name}[{i}]", str(i), entry)
+                             for i, entry in enumerate(entries)), parse_entry, ValueError,
+                            "entry")
+
+
+def unique_addresses(items: Iterable[tuple[str, str, Any]], parse: Callable[[Any], Address],
+                     error: type[ValueError], unit: str) -> frozenset[Address]:
+    """The addresses of ``(where, label, item)`` triples, each parsed by ``parse``; a bad
+    item or a repeated address raises ``error`` naming ``where`` (and the ``unit`` and
+    label of the first occurrence)."""
+    seen: dict[tuple[str, int], str] = {}
     addrs = []
-    for index, entry in enumerate(entries):
+    for where, label, item in items:
         try:
-            addr = parse_entry(entry)
+            addr = parse(item)
         except ValueError as exc:
-            raise ValueError(f"services.{name}[{index}]: {exc}") from None
+            raise error(f"{where}: {exc}") from None
         if addr.key in seen:
-            raise ValueError(f"services.{name}[{index}]: duplicate address {addr} "
-                             f"(also entry {seen[addr.key]})")
-        seen[addr.key] = index
+            raise error(f"{where}: duplicate address {addr} (also {unit} {seen[addr.key]})")
+        seen[addr.key] = label
         addrs.append(addr)
     return frozenset(addrs)
 
